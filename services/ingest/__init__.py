@@ -1,0 +1,1 @@
+"""ingest: validated intake of events and catalog items into the lake and the event stream."""

@@ -1,0 +1,1 @@
+"""feedrank's shared library: imported by every service, never run on its own."""

@@ -1,0 +1,335 @@
+"""Typed YAML configuration with profiles.
+
+Each file under `config/` holds a base document and an optional `profiles:` mapping of partial
+overrides (`tiny` for tests, `bench` for benchmarks, ...). The selected profile is deep-merged
+over the base and the result validated by a pydantic model that forbids unknown fields, so a typo
+in a knob fails at start-up instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept '90s', '15m', '1h', '7d' (and plain seconds) so configs read like prose."""
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if not match:
+            raise ValueError(f"invalid duration {value!r}: use a number and one of ms, s, m, h, d, w")
+        number, unit = match.groups()
+        return timedelta(seconds=float(number) * _UNIT_SECONDS[unit])
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    return value
+
+
+def format_duration(value: timedelta) -> str:
+    """Inverse of parse_duration for the largest exact unit ('1d', '90m', '1500ms')."""
+    ms = round(value.total_seconds() * 1000)
+    for unit in ("w", "d", "h", "m", "s"):
+        size = round(_UNIT_SECONDS[unit] * 1000)
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("duration must be positive")
+    return value
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamps in config must carry a timezone, e.g. 2026-01-01T00:00:00Z")
+    return value.astimezone(UTC)
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- data.yaml
+
+
+class WorldConfig(StrictModel):
+    """Who and what exists in the simulated world."""
+
+    start: UtcDatetime
+    horizon: Duration = Field(description="how long the world lives after start (backfill + live)")
+    pre_existing: Duration = Field(description="items published this long before start exist at start")
+    n_users: int = Field(gt=0)
+    n_topics: int = Field(ge=2)
+    n_creators: int = Field(gt=0)
+    n_items: int = Field(gt=0)
+    cold_start_share: Probability = Field(description="share of users who join during the horizon")
+    taste_concentration: float = Field(gt=0, description="Dirichlet concentration of user tastes")
+    topic_zipf: float = Field(ge=0)
+    creator_zipf: float = Field(ge=0)
+    creator_main_topic_share: Probability
+    item_quality_sd: float = Field(ge=0)
+    creator_quality_sd: float = Field(ge=0)
+    sessions_per_user_day: float = Field(gt=0, description="mean activity; per-user rates are lognormal")
+    activity_sigma: float = Field(ge=0)
+
+
+class ClickModelConfig(StrictModel):
+    """The ground truth: P(click | user, item, position, time) and the secondary signals."""
+
+    base_logit: float
+    taste_weight: float = Field(ge=0)
+    quality_weight: float = Field(ge=0)
+    topic_popularity_weight: float = Field(ge=0)
+    age_weight: float = Field(ge=0)
+    age_half_life: Duration
+    position_bias: float = Field(ge=0, description="examination(p) = (1 + p) ** -position_bias")
+    click_delay_mean: Duration
+    dwell_log_mean: float
+    dwell_log_sd: float = Field(ge=0)
+    dwell_relevance_weight: float
+    like_base_logit: float
+    like_weight: float
+    hide_base_logit: float
+    hide_weight: float
+
+
+class TrafficConfig(StrictModel):
+    """How the baseline (logging) policy fills feeds while the simulator generates history."""
+
+    policy: Literal["popularity", "random"]
+    feed_size: int = Field(gt=0)
+    candidate_pool: int = Field(gt=0)
+    candidate_max_age: Duration
+    exploration: Probability
+    popularity_half_life: Duration
+    diurnal_amplitude: Probability
+    chunk: Duration = Field(description="simulation step; popularity is updated between steps")
+
+
+class ClockConfig(StrictModel):
+    """The world's own clock: sim time runs `speedup` times faster than wall time once live."""
+
+    speedup: float = Field(gt=0)
+
+
+class TasteShiftDrift(StrictModel):
+    starts_after: Duration | None = None
+    share: Probability = 0.5
+
+
+class NewItemCohortDrift(StrictModel):
+    starts_after: Duration | None = None
+    n_items: int = Field(ge=0, default=0)
+    spread: Duration = timedelta(hours=6)
+    quality_boost: float = 1.0
+    topic: int = Field(ge=0, default=0)
+
+
+class TopicPopularityDrift(StrictModel):
+    starts_after: Duration | None = None
+    rising_topics: list[int] = Field(default_factory=list)
+    falling_topics: list[int] = Field(default_factory=list)
+    delta_logit: float = 1.0
+
+
+class CtrShiftDrift(StrictModel):
+    starts_after: Duration | None = None
+    delta_logit: float = 0.0
+
+
+class DriftConfig(StrictModel):
+    """Each knob is off until `starts_after` (a duration after world.start) is set."""
+
+    taste_shift: TasteShiftDrift = TasteShiftDrift()
+    new_item_cohort: NewItemCohortDrift = NewItemCohortDrift()
+    topic_popularity: TopicPopularityDrift = TopicPopularityDrift()
+    ctr_shift: CtrShiftDrift = CtrShiftDrift()
+
+
+class BackfillConfig(StrictModel):
+    days: int = Field(gt=0, description="simulated days generated before the live clock starts")
+    batch_events: int = Field(gt=0, description="events per ingest batch")
+
+
+class ValidationConfig(StrictModel):
+    """Event validation limits (see shared/validation.py for the rules that use them)."""
+
+    max_position: int = Field(gt=0)
+    max_dwell: Duration
+    max_future_skew: Duration
+    max_id: int = Field(gt=0)
+    max_event_id_length: int = Field(gt=0)
+    max_quarantine_share: Probability = Field(description="an etl window with more fails validation")
+
+
+class IngestConfig(StrictModel):
+    max_batch_events: int = Field(gt=0, description="HTTP batches above this get 413")
+    max_body_bytes: int = Field(gt=0)
+    stream_maxlen: int = Field(gt=0, description="approximate cap on stream entries (chunks)")
+    stream_chunk_events: int = Field(gt=0)
+    dedup_ttl: Duration = Field(description="how long event ids are remembered for duplicate detection")
+    reports_maxlen: int = Field(gt=0)
+
+
+class FeatureConfig(StrictModel):
+    windows: list[Duration] = Field(min_length=1)
+    long_window: Duration = Field(description="window of the slow signals: creator, likes, hides, affinity")
+    prior_ctr: Probability
+    prior_strength: float = Field(gt=0)
+    prior_like_rate: Probability
+    prior_hide_rate: Probability
+    affinity_strength: float = Field(gt=0)
+    label_window: Duration = Field(description="a click this long after its impression still counts")
+
+    @model_validator(mode="after")
+    def _windows_sorted_unique(self) -> FeatureConfig:
+        if sorted(set(self.windows)) != list(self.windows):
+            raise ValueError("features.windows must be strictly increasing")
+        return self
+
+
+class DatasetConfig(StrictModel):
+    span: Duration = Field(description="examples come from the last `span` before the watermark")
+    validation: Duration
+    test: Duration
+    min_rows: int = Field(gt=0)
+    label_rate_min: Probability
+    label_rate_max: Probability
+    max_orphan_click_share: Probability
+
+
+class OnlineStoreConfig(StrictModel):
+    ttl: Duration = Field(description="snapshot keys expire unless a newer snapshot refreshes them")
+    superseded_ttl: Duration = Field(description="grace period of the previous snapshot after a swap")
+    write_chunk: int = Field(gt=0)
+
+
+class RealtimeConfig(StrictModel):
+    """Near-real-time signals kept from the event stream (engaged items, trending pools)."""
+
+    consumer_group: str
+    read_count: int = Field(gt=0)
+    block: Duration
+    engaged_ttl: Duration
+    popularity_bucket: Duration
+    popularity_buckets: int = Field(gt=0)
+    bucket_ttl: Duration
+
+
+class RetryConfig(StrictModel):
+    max: int = Field(ge=0)
+    backoff: list[int] = Field(description="seconds before each retry; the last repeats")
+
+
+class StepConfig(StrictModel):
+    timeout: Duration
+    retry: RetryConfig
+
+
+class PipelineConfig(StrictModel):
+    steps: dict[str, StepConfig]
+    schedule_every: Duration | None = Field(description="wall time between scheduled etl runs; null = off")
+    result_ttl: Duration
+    lock_ttl: Duration
+
+
+class QueueNames(StrictModel):
+    ingest: str
+    features: str
+    training: str
+    monitoring: str
+
+
+class DataConfig(StrictModel):
+    """config/data.yaml: the world, ingest, features and the etl pipeline."""
+
+    seed: int
+    world: WorldConfig
+    click_model: ClickModelConfig
+    traffic: TrafficConfig
+    clock: ClockConfig
+    drift: DriftConfig
+    backfill: BackfillConfig
+    validation: ValidationConfig
+    ingest: IngestConfig
+    features: FeatureConfig
+    dataset: DatasetConfig
+    online_store: OnlineStoreConfig
+    realtime: RealtimeConfig
+    queues: QueueNames
+    pipeline: PipelineConfig
+
+    @property
+    def live_start(self) -> datetime:
+        """Sim time at which the backfilled history ends and the live clock begins."""
+        return self.world.start + timedelta(days=self.backfill.days)
+
+
+# --------------------------------------------------------------------------- loading
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Merge mappings recursively; lists and scalars in the override replace the base."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class ConfigError(ValueError):
+    """A config file is missing, malformed, or names an unknown profile."""
+
+
+def load_document(path: Path, profile: str) -> dict[str, Any]:
+    """Read one YAML file and apply the named profile's overrides ('default' = none)."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    profiles = document.pop("profiles", None) or {}
+    if profile == "default":
+        return document
+    if profile not in profiles:
+        known = ", ".join(["default", *profiles]) or "default"
+        raise ConfigError(f"{path}: unknown profile {profile!r} (known: {known})")
+    return deep_merge(document, profiles[profile] or {})
+
+
+def load_config(model: type[M], path: Path, profile: str, overrides: dict[str, Any] | None = None) -> M:
+    """Load, merge and validate; `overrides` lets tests and CLIs tweak a knob without a new file."""
+    document = load_document(path, profile)
+    if overrides:
+        document = deep_merge(document, overrides)
+    return model.model_validate(document)
+
+
+@cache
+def load_data_config(config_dir: Path, profile: str) -> DataConfig:
+    return load_config(DataConfig, config_dir / "data.yaml", profile)

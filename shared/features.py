@@ -1,0 +1,199 @@
+"""Feature definitions: the one place that says what the model sees, offline and online.
+
+Features are built in two stages so training and serving cannot drift apart:
+1. *raw counters* per example: windowed impression/click counts per user, item and creator,
+   slow signals (likes, hides, topic clicks) over the long window, item age and position. The
+   feature service computes them point-in-time for training rows and "as of now" for the online
+   store; the ranker reads the latter from Redis.
+2. `dense_matrix` turns raw counters into the model's dense input (smoothed CTRs, log counts).
+   Both the dataset builder and the ranker call this same function.
+
+`FeatureSpec.version` hashes everything that changes what a feature means; it travels with every
+dataset, snapshot and model, and readers refuse to mix versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import cached_property
+
+import numpy as np
+
+from shared.config import DataConfig, format_duration
+from shared.timeutil import HOUR_MS, duration_ms
+
+FORMULA_VERSION = 1
+"""Bump when a transform in `dense_matrix` changes meaning without a config change."""
+
+ID_COLUMNS = ("user_id", "item_id", "creator_id", "topic_id")
+"""Categorical ids fed to embeddings (raw ids; the model maps unseen ones to 'unknown')."""
+
+ENTITY_MEASURES = {"user": ("imps", "clicks"), "item": ("imps", "clicks"), "creator": ("imps", "clicks")}
+"""Windowed counters per entity."""
+
+ITEM_SLOW = ("item_imps_long", "item_clicks_long", "item_likes_long", "item_hides_long")
+ITEM_STATIC = ("creator_id", "topic_id", "published_at")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    windows_ms: tuple[int, ...]
+    long_window_ms: int
+    n_topics: int
+    prior_ctr: float
+    prior_strength: float
+    prior_like_rate: float
+    prior_hide_rate: float
+    affinity_strength: float
+
+    @classmethod
+    def from_config(cls, config: DataConfig) -> FeatureSpec:
+        f = config.features
+        return cls(
+            windows_ms=tuple(duration_ms(w) for w in f.windows),
+            long_window_ms=duration_ms(f.long_window),
+            n_topics=config.world.n_topics,
+            prior_ctr=f.prior_ctr,
+            prior_strength=f.prior_strength,
+            prior_like_rate=f.prior_like_rate,
+            prior_hide_rate=f.prior_hide_rate,
+            affinity_strength=f.affinity_strength,
+        )
+
+    # ------------------------------------------------------------------ names
+
+    @staticmethod
+    def window_label(window_ms: int) -> str:
+        return format_duration(timedelta(milliseconds=window_ms))
+
+    def counter(self, entity: str, measure: str, window_ms: int) -> str:
+        return f"{entity}_{measure}_{self.window_label(window_ms)}"
+
+    @cached_property
+    def user_fields(self) -> tuple[str, ...]:
+        """Layout of a packed user row in the online store."""
+        windowed = [self.counter("user", m, w) for w in self.windows_ms for m in ENTITY_MEASURES["user"]]
+        topics = [f"user_topic_clicks_{t}" for t in range(self.n_topics)]
+        return (*windowed, "user_clicks_long", *topics)
+
+    @cached_property
+    def item_fields(self) -> tuple[str, ...]:
+        """Layout of a packed item row: static attributes, item and (denormalised) creator counters."""
+        item = [self.counter("item", m, w) for w in self.windows_ms for m in ENTITY_MEASURES["item"]]
+        creator = [self.counter("creator", m, w) for w in self.windows_ms for m in ENTITY_MEASURES["creator"]]
+        return (*ITEM_STATIC, *item, *ITEM_SLOW, *creator)
+
+    @cached_property
+    def dense_names(self) -> tuple[str, ...]:
+        names = ["position", "item_age_log"]
+        for entity in ("user", "item"):
+            for w in self.windows_ms:
+                label = self.window_label(w)
+                names += [
+                    f"{entity}_ctr_{label}",
+                    f"{entity}_imps_log_{label}",
+                    f"{entity}_clicks_log_{label}",
+                ]
+        names += [f"creator_ctr_{self.window_label(w)}" for w in self.windows_ms]
+        names += ["item_like_rate", "item_hide_rate", "user_topic_affinity"]
+        return tuple(names)
+
+    @cached_property
+    def version(self) -> str:
+        document = {
+            "formula": FORMULA_VERSION,
+            "windows_ms": self.windows_ms,
+            "long_window_ms": self.long_window_ms,
+            "n_topics": self.n_topics,
+            "priors": [self.prior_ctr, self.prior_strength, self.prior_like_rate, self.prior_hide_rate],
+            "affinity_strength": self.affinity_strength,
+            "dense": self.dense_names,
+            "user_fields": self.user_fields,
+            "item_fields": self.item_fields,
+        }
+        digest = hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+        return f"fv{digest[:10]}"
+
+    def describe(self) -> dict[str, object]:
+        """What travels with datasets and models."""
+        return {
+            "feature_version": self.version,
+            "dense": list(self.dense_names),
+            "ids": list(ID_COLUMNS),
+            "windows": [self.window_label(w) for w in self.windows_ms],
+            "long_window": self.window_label(self.long_window_ms),
+        }
+
+    # ------------------------------------------------------------------ transforms
+
+    def _ctr(self, clicks: np.ndarray, imps: np.ndarray) -> np.ndarray:
+        return (clicks + self.prior_strength * self.prior_ctr) / (imps + self.prior_strength)
+
+    def dense_matrix(self, raw: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Raw counters (one array per name, aligned by example) -> float32 matrix in `dense_names` order.
+
+        Required raw names: position, age_ms, every windowed user/item/creator counter, the item
+        slow counters, user_clicks_long and user_topic_clicks (clicks on *this item's* topic).
+        """
+        columns: list[np.ndarray] = [
+            np.asarray(raw["position"], dtype=np.float64),
+            np.log1p(np.maximum(np.asarray(raw["age_ms"], dtype=np.float64), 0.0) / HOUR_MS),
+        ]
+        for entity in ("user", "item"):
+            for w in self.windows_ms:
+                imps = np.asarray(raw[self.counter(entity, "imps", w)], dtype=np.float64)
+                clicks = np.asarray(raw[self.counter(entity, "clicks", w)], dtype=np.float64)
+                columns += [self._ctr(clicks, imps), np.log1p(imps), np.log1p(clicks)]
+        for w in self.windows_ms:
+            columns.append(
+                self._ctr(
+                    np.asarray(raw[self.counter("creator", "clicks", w)], dtype=np.float64),
+                    np.asarray(raw[self.counter("creator", "imps", w)], dtype=np.float64),
+                )
+            )
+        m = self.prior_strength
+        columns.append((raw["item_likes_long"] + m * self.prior_like_rate) / (raw["item_clicks_long"] + m))
+        columns.append((raw["item_hides_long"] + m * self.prior_hide_rate) / (raw["item_imps_long"] + m))
+        s = self.affinity_strength
+        columns.append((raw["user_topic_clicks"] + s / self.n_topics) / (raw["user_clicks_long"] + s))
+        matrix = np.empty((len(columns[0]), len(columns)), dtype=np.float32, order="F")
+        for j, column in enumerate(columns):
+            matrix[:, j] = column
+        return matrix
+
+    def expected_ranges(self) -> dict[str, tuple[float, float]]:
+        """Bounds every dense feature must respect; the dataset validator enforces them."""
+        bounds: dict[str, tuple[float, float]] = {}
+        for name in self.dense_names:
+            if "_ctr_" in name or name.endswith("_rate") or name == "user_topic_affinity":
+                bounds[name] = (0.0, 1.0)
+            else:
+                bounds[name] = (0.0, float("inf"))
+        return bounds
+
+
+def raw_from_rows(
+    spec: FeatureSpec, user_row: np.ndarray, item_rows: np.ndarray, now_ms: int, positions: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Serving side of stage 1: one user's row and n item rows (online-store layouts) -> raw counters.
+
+    Mirrors the dataset builder: the user's counters broadcast to every item, the topic-click
+    counter is picked by each item's topic, and age is measured at request time.
+    """
+    n = item_rows.shape[0]
+    raw: dict[str, np.ndarray] = {}
+    for j, name in enumerate(spec.user_fields):
+        if not name.startswith("user_topic_clicks_"):
+            raw[name] = np.full(n, user_row[j])
+    for j, name in enumerate(spec.item_fields):
+        raw[name] = item_rows[:, j]
+    first_topic = spec.user_fields.index("user_topic_clicks_0")
+    topics = np.clip(raw["topic_id"].astype(np.int64), 0, spec.n_topics - 1)
+    raw["user_topic_clicks"] = user_row[first_topic + topics]
+    raw["age_ms"] = now_ms - raw["published_at"]
+    raw["position"] = positions
+    return raw

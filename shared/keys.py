@@ -1,0 +1,87 @@
+"""Every Redis key feedrank uses, in one place. Prefix `fr:`; `{...}` parts are filled by helpers.
+
+Two Redis roles: the *queue* Redis (persistent: RQ, pipeline runs, locks, the clock, dedup) and the
+*feature store* Redis (volatile: online features, the event stream, real-time signals).
+"""
+
+from __future__ import annotations
+
+PREFIX = "fr"
+
+# ---------------------------------------------------------------- queue Redis
+
+CLOCK_ANCHOR = f"{PREFIX}:clock:anchor"
+"""Wall time (epoch seconds) at which the world clock read `live_start`."""
+
+INGEST_REPORTS = f"{PREFIX}:ingest:reports"
+"""Stream of per-batch validation reports (capped)."""
+
+INGEST_TOTALS = f"{PREFIX}:ingest:totals"
+"""Hash of lifetime counters: received, stored, quarantined, duplicates (per kind)."""
+
+
+def dedup_bucket(hour_ms: int) -> str:
+    """Hash event_id -> batch_id of the events whose timestamp falls in that hour."""
+    return f"{PREFIX}:ingest:seen:{hour_ms}"
+
+
+def pipeline_run(run_id: str) -> str:
+    """Hash describing one pipeline run: name, params, step job ids, created_at."""
+    return f"{PREFIX}:pipeline:run:{run_id}"
+
+
+def pipeline_runs(name: str) -> str:
+    """Sorted set of run ids of one pipeline, scored by creation time."""
+    return f"{PREFIX}:pipeline:runs:{name}"
+
+
+def pipeline_lock(name: str) -> str:
+    """Holds the id of the one active run of a pipeline (SET NX with a TTL)."""
+    return f"{PREFIX}:pipeline:lock:{name}"
+
+
+# ---------------------------------------------------------------- feature-store Redis
+
+EVENT_STREAM = f"{PREFIX}:events"
+"""Stream of valid events, one entry per chunk of events serialised as Arrow IPC."""
+
+CATALOG = f"{PREFIX}:catalog"
+"""Hash item_id -> packed (creator_id, topic_id, published_at) for items not yet in a snapshot."""
+
+FRESH_ITEMS = f"{PREFIX}:rt:fresh"
+"""Sorted set item_id -> published_at: the freshest items, a candidate pool."""
+
+
+def features_current(feature_version: str) -> str:
+    """Id of the live online-feature snapshot of one feature version."""
+    return f"{PREFIX}:fs:{feature_version}:current"
+
+
+def features_meta(feature_version: str, snapshot_id: str) -> str:
+    """JSON metadata of a snapshot: as_of, field layout, counts."""
+    return f"{PREFIX}:fs:{feature_version}:{snapshot_id}:meta"
+
+
+def features_users(feature_version: str, snapshot_id: str) -> str:
+    """Hash user_id -> packed float64 user counters."""
+    return f"{PREFIX}:fs:{feature_version}:{snapshot_id}:u"
+
+
+def features_items(feature_version: str, snapshot_id: str) -> str:
+    """Hash item_id -> packed float64 item (and creator) counters."""
+    return f"{PREFIX}:fs:{feature_version}:{snapshot_id}:i"
+
+
+def engaged_items(user_id: int) -> str:
+    """Set of items the user clicked, liked or hid: the ranker does not show them again."""
+    return f"{PREFIX}:rt:engaged:{user_id}"
+
+
+def popular_bucket(bucket_ms: int) -> str:
+    """Sorted set item_id -> clicks within one time bucket (trending pool)."""
+    return f"{PREFIX}:rt:pop:{bucket_ms}"
+
+
+def topic_popular_bucket(topic_id: int, bucket_ms: int) -> str:
+    """Sorted set item_id -> clicks within one bucket, per topic (the user's favoured topics)."""
+    return f"{PREFIX}:rt:pop:{bucket_ms}:t{topic_id}"

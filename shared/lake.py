@@ -1,0 +1,201 @@
+"""The Parquet lake: layout, atomic writes and windowed reads.
+
+    <root>/events/date=YYYY-MM-DD/hour=HH/part-<batch>.parquet    valid events
+    <root>/catalog/date=YYYY-MM-DD/part-<batch>.parquet           item catalog (latest row per item wins)
+    <root>/quarantine/<kind>/date=YYYY-MM-DD/part-<batch>.parquet rejected input with reasons
+    <root>/features/<feature_version>/<dataset_id>/...            offline datasets (see feature service)
+
+Every file is written to a hidden temporary name and renamed into place, so a reader never sees a
+half-written file; Arrow datasets skip names starting with '.' or '_'. A file name carries its
+batch id, so a retried batch overwrites its own files instead of adding duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from shared.schemas import CATALOG_SCHEMA, EVENT_SCHEMA, QUARANTINE_SCHEMA
+from shared.timeutil import DAY_MS, HOUR_MS, from_ms
+
+_HIVE = ds.partitioning(pa.schema([("date", pa.string()), ("hour", pa.int32())]), flavor="hive")
+_HIVE_DATE = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
+    """Write then rename: the file appears complete or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomic(document: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(document, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _date(ms: int) -> str:
+    return from_ms(ms).strftime("%Y-%m-%d")
+
+
+def split_by_period(table: pa.Table, ts_column: str, period_ms: int) -> Iterator[tuple[int, pa.Table]]:
+    """Yield (period start ms, rows) for each period the table's timestamps fall in."""
+    if table.num_rows == 0:
+        return
+    ts = table[ts_column].cast(pa.int64()).to_numpy()
+    periods = ts // period_ms
+    order = np.argsort(periods, kind="stable")
+    sorted_periods = periods[order]
+    bounds = np.flatnonzero(np.diff(sorted_periods)) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [sorted_periods.size]])
+    ordered = table.take(pa.array(order))
+    for lo, hi in zip(starts, ends, strict=True):
+        yield int(sorted_periods[lo]) * period_ms, ordered.slice(int(lo), int(hi - lo))
+
+
+@dataclass(frozen=True)
+class Lake:
+    root: Path
+
+    @property
+    def events_dir(self) -> Path:
+        return self.root / "events"
+
+    @property
+    def catalog_dir(self) -> Path:
+        return self.root / "catalog"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "features"
+
+    def quarantine_dir(self, kind: str) -> Path:
+        return self.root / "quarantine" / kind
+
+    # ------------------------------------------------------------------ writes
+
+    def write_events(self, table: pa.Table, batch_id: str) -> list[Path]:
+        """Partition by event hour; one file per (hour, batch)."""
+        paths = []
+        for hour_ms, part in split_by_period(table, "ts", HOUR_MS):
+            hour = from_ms(hour_ms)
+            path = self.events_dir / f"date={hour:%Y-%m-%d}" / f"hour={hour:%H}" / f"part-{batch_id}.parquet"
+            paths.append(write_parquet_atomic(part.cast(EVENT_SCHEMA), path))
+        return paths
+
+    def write_catalog(self, table: pa.Table, batch_id: str, received_ms: int) -> Path | None:
+        if table.num_rows == 0:
+            return None
+        path = self.catalog_dir / f"date={_date(received_ms)}" / f"part-{batch_id}.parquet"
+        stamped = table.cast(CATALOG_SCHEMA).append_column(
+            "ingested_at", pa.array(np.full(table.num_rows, received_ms), pa.int64())
+        )
+        return write_parquet_atomic(stamped, path)
+
+    def write_quarantine(
+        self, kind: str, batch_id: str, received_ms: int, reasons: list[str], raw: list[str]
+    ) -> Path | None:
+        if not raw:
+            return None
+        table = pa.Table.from_arrays(
+            [
+                pa.array([batch_id] * len(raw)),
+                pa.array([kind] * len(raw)),
+                pa.array(np.full(len(raw), received_ms), pa.int64()).cast(
+                    QUARANTINE_SCHEMA.field("received_at").type
+                ),
+                pa.array(reasons, pa.string()),
+                pa.array(raw, pa.string()),
+            ],
+            schema=QUARANTINE_SCHEMA,
+        )
+        path = self.quarantine_dir(kind) / f"date={_date(received_ms)}" / f"part-{batch_id}.parquet"
+        return write_parquet_atomic(table, path)
+
+    # ------------------------------------------------------------------ reads
+
+    def read_events(self, start_ms: int, end_ms: int, columns: list[str] | None = None) -> pa.Table:
+        """Events with start <= ts < end, pruning partitions by date first."""
+        if not self.events_dir.exists():
+            return EVENT_SCHEMA.empty_table().select(columns or EVENT_SCHEMA.names)
+        dataset = ds.dataset(self.events_dir, format="parquet", partitioning=_HIVE, schema=_with_partitions())
+        ts_type = EVENT_SCHEMA.field("ts").type
+        condition = (
+            (ds.field("date") >= _date(start_ms))
+            & (ds.field("date") <= _date(max(start_ms, end_ms - 1)))
+            & (ds.field("ts") >= pa.scalar(start_ms, ts_type))
+            & (ds.field("ts") < pa.scalar(end_ms, ts_type))
+        )
+        return dataset.to_table(columns=columns or EVENT_SCHEMA.names, filter=condition)
+
+    def event_time_range(self) -> tuple[int, int] | None:
+        """(min ts, max ts) over the lake, from partition names and file statistics."""
+        if not self.events_dir.exists():
+            return None
+        dates = sorted(p.name.removeprefix("date=") for p in self.events_dir.glob("date=*"))
+        if not dates:
+            return None
+        first = self.read_events(_day_ms(dates[0]), _day_ms(dates[0]) + DAY_MS, ["ts"])
+        last = self.read_events(_day_ms(dates[-1]), _day_ms(dates[-1]) + DAY_MS, ["ts"])
+        if first.num_rows == 0 or last.num_rows == 0:
+            return None
+        low = pc.min(first["ts"]).cast(pa.int64()).as_py()
+        high = pc.max(last["ts"]).cast(pa.int64()).as_py()
+        return int(low), int(high)
+
+    def read_catalog(self) -> pa.Table:
+        """The latest catalog row of every item."""
+        if not self.catalog_dir.exists():
+            return CATALOG_SCHEMA.empty_table()
+        schema = CATALOG_SCHEMA.append(pa.field("ingested_at", pa.int64())).append(
+            pa.field("date", pa.string())
+        )
+        table = ds.dataset(
+            self.catalog_dir, format="parquet", partitioning=_HIVE_DATE, schema=schema
+        ).to_table()
+        if table.num_rows == 0:
+            return CATALOG_SCHEMA.empty_table()
+        order = pc.sort_indices(table, [("item_id", "ascending"), ("ingested_at", "descending")])
+        table = table.take(order)
+        item_ids = table["item_id"].to_numpy()
+        first = np.concatenate([[True], item_ids[1:] != item_ids[:-1]])
+        return table.filter(pa.array(first)).select(CATALOG_SCHEMA.names).cast(CATALOG_SCHEMA)
+
+    def read_quarantine(self, kind: str) -> pa.Table:
+        directory = self.quarantine_dir(kind)
+        if not directory.exists():
+            return QUARANTINE_SCHEMA.empty_table()
+        schema = QUARANTINE_SCHEMA.append(pa.field("date", pa.string()))
+        table = ds.dataset(directory, format="parquet", partitioning=_HIVE_DATE, schema=schema).to_table()
+        return table.select(QUARANTINE_SCHEMA.names)
+
+
+def _with_partitions() -> pa.Schema:
+    return EVENT_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("hour", pa.int32()))
+
+
+def _day_ms(date: str) -> int:
+    return int(np.datetime64(date, "ms").astype(np.int64))

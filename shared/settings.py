@@ -1,0 +1,39 @@
+"""Infrastructure settings from the environment (and `.env`), one class for every service.
+
+Behaviour knobs live in `config/*.yaml` (see shared.config); this class holds only where things
+are: Redis instances, the lake, the config directory and the selected profile. Values without a
+default are required: a service refuses to start rather than guess where its data lives.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, RedisDsn
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.config import DataConfig, load_data_config
+
+REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEEDRANK_", env_file=".env", extra="ignore")
+
+    feature_store_url: RedisDsn = Field(description="Redis holding online features and real-time signals")
+    queue_url: RedisDsn = Field(description="Redis holding RQ queues, pipeline runs and locks")
+    lake_path: Path = Field(description="root of the Parquet lake (events, quarantine, features)")
+    profile: str = Field(default="default", description="config profile: default, tiny, bench, ...")
+    config_dir: Path = REPO_CONFIG_DIR
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def data_config(self) -> DataConfig:
+        return load_data_config(self.config_dir, self.profile)
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()  # required values come from the environment

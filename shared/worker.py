@@ -1,0 +1,36 @@
+"""Run an RQ worker the feedrank way: structured logs, Prometheus metrics, retries' scheduler on.
+
+Call shared.multiproc.prepare_multiprocess_dir() before importing this module in a worker process.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import structlog
+from rq import Queue, Worker
+
+from shared import metrics
+from shared.connections import queue_redis
+from shared.logging import configure
+from shared.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+def run_worker(
+    settings: Settings, queues: list[str], *, burst: bool = False, metrics_port: int | None = None
+) -> bool:
+    """Work the queues until stopped (or until they are empty with burst). Returns True if it did work."""
+    configure(settings.log_level, settings.log_format)
+    if metrics_port:
+        metrics.serve(metrics_port)
+    conn = queue_redis(settings)
+    worker = Worker(
+        [Queue(name, connection=conn) for name in queues],
+        connection=conn,
+        name=f"{socket.gethostname()}-{'-'.join(queues)}-{uuid.uuid4().hex[:6]}",
+    )
+    log.info("worker_starting", queues=queues, burst=burst, metrics_port=metrics_port)
+    return bool(worker.work(burst=burst, with_scheduler=True, logging_level=settings.log_level))
