@@ -37,7 +37,7 @@ def parse_duration(value: Any) -> Any:
 def format_duration(value: timedelta) -> str:
     """Inverse of parse_duration for the largest exact unit ('1d', '90m', '1500ms')."""
     ms = round(value.total_seconds() * 1000)
-    for unit in ("w", "d", "h", "m", "s"):
+    for unit in ("d", "h", "m", "s"):
         size = round(_UNIT_SECONDS[unit] * 1000)
         if ms and ms % size == 0:
             return f"{ms // size}{unit}"

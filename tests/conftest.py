@@ -10,11 +10,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,40 +19,10 @@ from redis import Redis
 
 from shared.config import DataConfig, load_data_config
 from shared.settings import REPO_CONFIG_DIR, Settings, get_settings
+from tests.support import NoRedisError, private_redis
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-REDIS_IMAGE = "redis:7.2-alpine"
 QUEUE_DB, STORE_DB = 1, 2
 _MARKER = "feedrank:test-instance"
-
-
-def _docker_available() -> bool:
-    try:
-        import docker
-
-        client = docker.from_env(timeout=5)
-        client.ping()
-        return bool(client.images.list(name=REDIS_IMAGE))
-    except Exception:
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for(url: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            Redis.from_url(url).ping()
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def _claim_explicit(url: str) -> None:
@@ -73,55 +38,14 @@ def _claim_explicit(url: str) -> None:
 
 @pytest.fixture(scope="session")
 def redis_base_url() -> Iterator[str]:
-    """host:port of a Redis owned by this test session (see module docstring for the order)."""
-    if explicit := os.environ.get("FEEDRANK_TEST_REDIS_URL"):
-        url = explicit.rstrip("/").rsplit("/", 1)[0] if explicit.count("/") > 2 else explicit.rstrip("/")
-        _claim_explicit(url)
-        yield url
-        return
-    if _docker_available():
-        from testcontainers.community.redis import RedisContainer
-
-        with RedisContainer(REDIS_IMAGE) as container:
-            url = f"redis://{container.get_container_host_ip()}:{container.get_exposed_port(6379)}"
-            _wait_for(url)
+    """redis://host:port of a Redis owned by this test session (see the module docstring)."""
+    try:
+        with private_redis() as url:
+            if os.environ.get("FEEDRANK_TEST_REDIS_URL"):
+                _claim_explicit(url)
             yield url
-        return
-    if binary := shutil.which("redis-server"):
-        port = _free_port()
-        workdir = tempfile.mkdtemp(prefix="feedrank-redis-")
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                workdir,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"redis://127.0.0.1:{port}"
-        try:
-            _wait_for(url)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(10)
-            shutil.rmtree(workdir, ignore_errors=True)
-        return
-    pytest.fail(
-        "These tests need a Redis of their own and found none: set FEEDRANK_TEST_REDIS_URL to a Redis "
-        f"dedicated to tests, or make Docker available with the image {REDIS_IMAGE} "
-        '(CI: eval "$(../shared/ci/docker-env.sh redis:7.2-alpine)"), or put redis-server on PATH.',
-        pytrace=False,
-    )
+    except NoRedisError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @dataclass(frozen=True)

@@ -89,10 +89,21 @@ class SessionSimulator:
         if n == 0 or k == 0:
             return Feeds(pa.array([], pa.string()), req_users[:0], req_ts[:0], np.zeros((0, 0), np.int64))
         if traffic.policy == "popularity":
+            # Mostly the currently popular items, plus an exploration share drawn from all the
+            # others, so that new items get a chance to become popular at all.
             order = np.argsort(-self._popularity[candidates], kind="stable")
-            pool = candidates[order[: traffic.candidate_pool]]
-            weights = self._popularity[pool] + 1.0
-            weights = (1 - traffic.exploration) * weights / weights.sum() + traffic.exploration / pool.size
+            n_explore = round(traffic.candidate_pool * traffic.exploration)
+            popular = candidates[order[: traffic.candidate_pool - n_explore]]
+            rest = candidates[order[traffic.candidate_pool - n_explore :]]
+            explore = rng.choice(rest, size=min(n_explore, rest.size), replace=False)
+            pool = np.concatenate([popular, explore])
+            weights = self._popularity[popular] + 1.0
+            weights = np.concatenate(
+                [
+                    (1 - traffic.exploration) * weights / weights.sum(),
+                    np.full(explore.size, traffic.exploration / max(explore.size, 1)),
+                ]
+            )
         else:
             pool = candidates
             weights = np.full(pool.size, 1.0 / pool.size)

@@ -1,0 +1,64 @@
+# feedrank: `make help` lists what you can do.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is pinned; on machines without a local CPU wheel set TORCH_INDEX to avoid the CUDA build:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+# Local runs keep their own Redis on this port (never the machine's shared 6379).
+LOCAL_REDIS_PORT ?= 6390
+RUN_DIR := .run
+
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup test lint format bench run redis redis-stop clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[all]"
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv with every service's dependencies and the dev tools
+	@test -f .env || cp .env.example .env
+
+test: setup ## unit and integration tests (they start their own Redis: Docker or redis-server)
+	$(BIN)/pytest -m "not e2e"
+
+lint: setup ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+format: setup ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup ## benchmarks: ETL throughput and memory on ~1M events
+	$(BIN)/python -m tests.benchmarks.bench_etl
+
+redis: ## start a private local Redis on LOCAL_REDIS_PORT (for `make run`)
+	@mkdir -p $(RUN_DIR)
+	@$(BIN)/python -c "import redis,sys; redis.Redis(port=$(LOCAL_REDIS_PORT)).ping()" 2>/dev/null \
+	  || redis-server --port $(LOCAL_REDIS_PORT) --bind 127.0.0.1 --save "" --appendonly no \
+	       --daemonize yes --dir $(CURDIR)/$(RUN_DIR) --pidfile $(CURDIR)/$(RUN_DIR)/redis.pid \
+	       --logfile $(CURDIR)/$(RUN_DIR)/redis.log
+
+redis-stop: ## stop the private local Redis
+	@test -f $(RUN_DIR)/redis.pid && kill $$(cat $(RUN_DIR)/redis.pid) || true
+
+run: setup redis ## set up, then run the etl pipeline locally (real RQ worker) and show its steps
+	$(BIN)/python -m services.feature pipeline run etl --source simulate
+	$(BIN)/python -m services.feature worker --burst --queues ingest features
+	$(BIN)/python -m services.feature pipeline runs --limit 1
+
+clean: redis-stop ## remove local data, caches and the virtualenv
+	rm -rf $(RUN_DIR) data .mypy_cache .ruff_cache .pytest_cache $(VENV)
