@@ -121,3 +121,36 @@ def test_cli_lists_runs_with_their_steps(redis_pair: RedisPair, service_env: dic
     assert f"{run_id}  failed" in out
     assert "a            finished" in out
     assert "retrying cannot help" in out
+
+
+def test_a_running_worker_exports_step_metrics(redis_pair: RedisPair, service_env: dict[str, str]) -> None:
+    """Steps run in forked children; the worker's parent serves their metrics (multiprocess mode)."""
+    import os
+    import time
+
+    import httpx
+
+    from tests.support import free_port
+
+    port = free_port()
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "services.feature", "worker", "--queues", QUEUE, "--metrics-port", str(port)],
+        cwd=REPO_ROOT, env={**os.environ, **service_env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        runner = PipelineRunner(redis_pair.queue, config())
+        run_id = runner.submit(pipeline("record", "record"), {"name": "x"})
+        assert run_id is not None
+        assert runner.wait(run_id, timeout_s=60).status == "finished"
+        deadline = time.monotonic() + 10
+        text = ""
+        while time.monotonic() < deadline and 'step="b"' not in text:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert 'feedrank_pipeline_steps_total{outcome="succeeded",pipeline="demo",step="a"} 1.0' in text
+        assert 'feedrank_pipeline_step_seconds_count{pipeline="demo",step="b"} 1.0' in text
+    finally:
+        worker.terminate()
+        worker.wait(10)
