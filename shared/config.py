@@ -197,6 +197,9 @@ class FeatureConfig(StrictModel):
     prior_like_rate: Probability
     prior_hide_rate: Probability
     affinity_strength: float = Field(gt=0)
+    position_discount: float = Field(
+        ge=0, description="exposure weight of an impression at position p is (1 + p) ** -position_discount"
+    )
     label_window: Duration = Field(description="a click this long after its impression still counts")
 
     @model_validator(mode="after")
@@ -333,3 +336,77 @@ def load_config(model: type[M], path: Path, profile: str, overrides: dict[str, A
 @cache
 def load_data_config(config_dir: Path, profile: str) -> DataConfig:
     return load_config(DataConfig, config_dir / "data.yaml", profile)
+
+
+# --------------------------------------------------------------------------- model.yaml
+
+
+class EmbeddingConfig(StrictModel):
+    dim: int = Field(gt=0)
+    min_count: int = Field(ge=1, description="ids seen fewer times in training share the 'unknown' row")
+    id_dropout: Probability = Field(description="share of training rows whose ids are hidden as 'unknown'")
+
+
+class DlrmConfig(StrictModel):
+    """Embeddings + bottom MLP on dense features, pairwise dot interactions, top MLP."""
+
+    bottom_mlp: list[int] = Field(min_length=1)
+    top_mlp: list[int] = Field(min_length=1)
+    dropout: Probability
+
+
+class TwoTowerConfig(StrictModel):
+    """User tower and item tower meeting in a dot product (candidate retrieval later)."""
+
+    tower_mlp: list[int] = Field(min_length=1)
+    dropout: Probability
+
+
+class TrainingConfig(StrictModel):
+    seed: int
+    learning_rate: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    batch_size: int = Field(gt=0)
+    max_epochs: int = Field(gt=0)
+    patience: int = Field(ge=1, description="epochs without validation improvement before stopping")
+    min_delta: float = Field(ge=0)
+    device: Literal["auto", "cpu", "cuda"]
+    threads: int = Field(ge=1)
+
+
+class EvaluationConfig(StrictModel):
+    ndcg_k: int = Field(gt=0)
+    calibration_bins: int = Field(ge=2)
+    popularity_window: Duration = Field(description="the baseline ranks by item clicks in this window")
+
+
+class ExportConfig(StrictModel):
+    opset: int = Field(ge=13)
+    parity_rows: int = Field(gt=0)
+    parity_tolerance: float = Field(gt=0)
+
+
+class RegistryConfig(StrictModel):
+    experiment: str
+    model_name: str
+    champion_alias: str
+    challenger_alias: str
+
+
+class ModelConfig(StrictModel):
+    """config/model.yaml: the ranking model, its training, evaluation, export and registry."""
+
+    architecture: Literal["dlrm", "two_tower"]
+    embedding: EmbeddingConfig
+    dlrm: DlrmConfig
+    two_tower: TwoTowerConfig
+    training: TrainingConfig
+    evaluation: EvaluationConfig
+    export: ExportConfig
+    registry: RegistryConfig
+    pipeline: PipelineConfig
+
+
+@cache
+def load_model_config(config_dir: Path, profile: str) -> ModelConfig:
+    return load_config(ModelConfig, config_dir / "model.yaml", profile)

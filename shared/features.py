@@ -1,7 +1,7 @@
 """Feature definitions: the one place that says what the model sees, offline and online.
 
 Features are built in two stages so training and serving cannot drift apart:
-1. *raw counters* per example: windowed impression/click counts per user, item and creator,
+1. *raw counters* per example: windowed exposure and click counts per user, item and creator,
    slow signals (likes, hides, topic clicks) over the long window, item age and position. The
    feature service computes them point-in-time for training rows and "as of now" for the online
    store; the ranker reads the latter from Redis.
@@ -32,10 +32,17 @@ FORMULA_VERSION = 1
 ID_COLUMNS = ("user_id", "item_id", "creator_id", "topic_id")
 """Categorical ids fed to embeddings (raw ids; the model maps unseen ones to 'unknown')."""
 
-ENTITY_MEASURES = {"user": ("imps", "clicks"), "item": ("imps", "clicks"), "creator": ("imps", "clicks")}
-"""Windowed counters per entity."""
+ENTITY_MEASURES = {
+    "user": ("exposure", "clicks"),
+    "item": ("exposure", "clicks"),
+    "creator": ("exposure", "clicks"),
+}
+"""Windowed counters per entity. *Exposure* counts impressions weighted by a prior examination
+curve, (1 + position) ** -position_discount: an item the logging policy kept at the top collects
+clicks because it was seen, not because it is good, and clicks over exposure (COEC) corrects for
+that, where clicks over raw impressions would teach the model the old policy's order."""
 
-ITEM_SLOW = ("item_imps_long", "item_clicks_long", "item_likes_long", "item_hides_long")
+ITEM_SLOW = ("item_exposure_long", "item_clicks_long", "item_likes_long", "item_hides_long")
 ITEM_STATIC = ("creator_id", "topic_id", "published_at")
 
 
@@ -49,6 +56,7 @@ class FeatureSpec:
     prior_like_rate: float
     prior_hide_rate: float
     affinity_strength: float
+    position_discount: float
 
     @classmethod
     def from_config(cls, config: DataConfig) -> FeatureSpec:
@@ -62,6 +70,7 @@ class FeatureSpec:
             prior_like_rate=f.prior_like_rate,
             prior_hide_rate=f.prior_hide_rate,
             affinity_strength=f.affinity_strength,
+            position_discount=f.position_discount,
         )
 
     # ------------------------------------------------------------------ names
@@ -77,8 +86,8 @@ class FeatureSpec:
     def user_fields(self) -> tuple[str, ...]:
         """Layout of a packed user row in the online store."""
         windowed = [self.counter("user", m, w) for w in self.windows_ms for m in ENTITY_MEASURES["user"]]
-        topics = [f"user_topic_clicks_{t}" for t in range(self.n_topics)]
-        return (*windowed, "user_clicks_long", *topics)
+        topics = [f"user_topic_{m}_{t}" for m in ("clicks", "exposure") for t in range(self.n_topics)]
+        return (*windowed, "user_clicks_long", "user_exposure_long", *topics)
 
     @cached_property
     def item_fields(self) -> tuple[str, ...]:
@@ -95,11 +104,17 @@ class FeatureSpec:
                 label = self.window_label(w)
                 names += [
                     f"{entity}_ctr_{label}",
-                    f"{entity}_imps_log_{label}",
+                    f"{entity}_exposure_log_{label}",
                     f"{entity}_clicks_log_{label}",
                 ]
         names += [f"creator_ctr_{self.window_label(w)}" for w in self.windows_ms]
-        names += ["item_like_rate", "item_hide_rate", "user_topic_affinity"]
+        names += [
+            "item_like_rate",
+            "item_hide_rate",
+            "user_topic_affinity",
+            "user_topic_ctr",
+            "user_topic_lift",
+        ]
         return tuple(names)
 
     @cached_property
@@ -111,6 +126,7 @@ class FeatureSpec:
             "n_topics": self.n_topics,
             "priors": [self.prior_ctr, self.prior_strength, self.prior_like_rate, self.prior_hide_rate],
             "affinity_strength": self.affinity_strength,
+            "position_discount": self.position_discount,
             "dense": self.dense_names,
             "user_fields": self.user_fields,
             "item_fields": self.item_fields,
@@ -130,14 +146,20 @@ class FeatureSpec:
 
     # ------------------------------------------------------------------ transforms
 
-    def _ctr(self, clicks: np.ndarray, imps: np.ndarray) -> np.ndarray:
-        return (clicks + self.prior_strength * self.prior_ctr) / (imps + self.prior_strength)
+    def exposure_weight(self, positions: np.ndarray) -> np.ndarray:
+        """How much one impression at each position counts towards exposure."""
+        return np.asarray((1.0 + np.asarray(positions, dtype=np.float64)) ** -self.position_discount)
+
+    def _ctr(self, clicks: np.ndarray, exposure: np.ndarray) -> np.ndarray:
+        """Clicks over expected clicks with a Beta prior: position-debiased, smoothed CTR."""
+        return (clicks + self.prior_strength * self.prior_ctr) / (exposure + self.prior_strength)
 
     def dense_matrix(self, raw: Mapping[str, np.ndarray]) -> np.ndarray:
         """Raw counters (one array per name, aligned by example) -> float32 matrix in `dense_names` order.
 
         Required raw names: position, age_ms, every windowed user/item/creator counter, the item
-        slow counters, user_clicks_long and user_topic_clicks (clicks on *this item's* topic).
+        slow counters, user_clicks_long, user_exposure_long, and user_topic_clicks and
+        user_topic_exposure (the user's history on *this item's* topic).
         """
         columns: list[np.ndarray] = [
             np.asarray(raw["position"], dtype=np.float64),
@@ -145,21 +167,27 @@ class FeatureSpec:
         ]
         for entity in ("user", "item"):
             for w in self.windows_ms:
-                imps = np.asarray(raw[self.counter(entity, "imps", w)], dtype=np.float64)
+                exposure = np.asarray(raw[self.counter(entity, "exposure", w)], dtype=np.float64)
                 clicks = np.asarray(raw[self.counter(entity, "clicks", w)], dtype=np.float64)
-                columns += [self._ctr(clicks, imps), np.log1p(imps), np.log1p(clicks)]
+                columns += [self._ctr(clicks, exposure), np.log1p(exposure), np.log1p(clicks)]
         for w in self.windows_ms:
             columns.append(
                 self._ctr(
                     np.asarray(raw[self.counter("creator", "clicks", w)], dtype=np.float64),
-                    np.asarray(raw[self.counter("creator", "imps", w)], dtype=np.float64),
+                    np.asarray(raw[self.counter("creator", "exposure", w)], dtype=np.float64),
                 )
             )
         m = self.prior_strength
         columns.append((raw["item_likes_long"] + m * self.prior_like_rate) / (raw["item_clicks_long"] + m))
-        columns.append((raw["item_hides_long"] + m * self.prior_hide_rate) / (raw["item_imps_long"] + m))
+        columns.append((raw["item_hides_long"] + m * self.prior_hide_rate) / (raw["item_exposure_long"] + m))
         s = self.affinity_strength
         columns.append((raw["user_topic_clicks"] + s / self.n_topics) / (raw["user_clicks_long"] + s))
+        # Taste: the user's CTR on this topic, shrunk towards their own overall CTR, and the ratio.
+        user_ctr = self._ctr(
+            np.asarray(raw["user_clicks_long"], np.float64), np.asarray(raw["user_exposure_long"], np.float64)
+        )
+        topic_ctr = (raw["user_topic_clicks"] + s * user_ctr) / (raw["user_topic_exposure"] + s)
+        columns += [topic_ctr, np.log(topic_ctr / user_ctr)]
         matrix = np.empty((len(columns[0]), len(columns)), dtype=np.float32, order="F")
         for j, column in enumerate(columns):
             matrix[:, j] = column
@@ -169,9 +197,11 @@ class FeatureSpec:
         """Bounds every dense feature must respect; the dataset validator enforces them."""
         bounds: dict[str, tuple[float, float]] = {}
         for name in self.dense_names:
-            if "_ctr_" in name or name.endswith("_rate") or name == "user_topic_affinity":
+            if name.endswith("_rate") or name == "user_topic_affinity":
                 bounds[name] = (0.0, 1.0)
-            else:
+            elif name == "user_topic_lift":
+                bounds[name] = (-float("inf"), float("inf"))
+            else:  # counts, ages, positions and clicks over exposure (which may exceed 1)
                 bounds[name] = (0.0, float("inf"))
         return bounds
 
@@ -187,13 +217,14 @@ def raw_from_rows(
     n = item_rows.shape[0]
     raw: dict[str, np.ndarray] = {}
     for j, name in enumerate(spec.user_fields):
-        if not name.startswith("user_topic_clicks_"):
+        if not name.startswith("user_topic_"):
             raw[name] = np.full(n, user_row[j])
     for j, name in enumerate(spec.item_fields):
         raw[name] = item_rows[:, j]
-    first_topic = spec.user_fields.index("user_topic_clicks_0")
     topics = np.clip(raw["topic_id"].astype(np.int64), 0, spec.n_topics - 1)
-    raw["user_topic_clicks"] = user_row[first_topic + topics]
+    for measure in ("clicks", "exposure"):
+        first = spec.user_fields.index(f"user_topic_{measure}_0")
+        raw[f"user_topic_{measure}"] = user_row[first + topics]
     raw["age_ms"] = now_ms - raw["published_at"]
     raw["position"] = positions
     return raw

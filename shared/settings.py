@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, RedisDsn
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.config import DataConfig, load_data_config
+from shared.config import DataConfig, ModelConfig, load_data_config, load_model_config
 
 REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
@@ -29,9 +29,21 @@ class Settings(BaseSettings):
     config_dir: Path = REPO_CONFIG_DIR
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    mlflow_tracking_uri: str = Field(
+        default="sqlite:///data/mlflow/mlflow.db",
+        description="MLflow tracking store: a local sqlite file by default, http://mlflow:5000 in Compose",
+    )
+    mlflow_artifact_root: str | None = Field(
+        default=None,
+        description="artifact location for a new experiment; None lets the server decide (its proxied store)",
+    )
+    git_sha: str | None = Field(default=None, description="code version when .git is absent (images)")
 
     def data_config(self) -> DataConfig:
         return load_data_config(self.config_dir, self.profile)
+
+    def ranking_model_config(self) -> ModelConfig:
+        return load_model_config(self.config_dir, self.profile)
 
 
 @cache

@@ -44,7 +44,7 @@ class QueryPoints:
 class WindowCounter:
     """Counts of events per key in trailing half-open windows [t - w, t)."""
 
-    def __init__(self, keys: np.ndarray, ts: np.ndarray) -> None:
+    def __init__(self, keys: np.ndarray, ts: np.ndarray, weights: np.ndarray | None = None) -> None:
         keys = np.asarray(keys, dtype=np.int64)
         ts = np.asarray(ts, dtype=np.int64)
         order = np.lexsort((ts, keys))
@@ -52,15 +52,22 @@ class WindowCounter:
         self._ts = ts[order]
         self._groups = np.unique(self._keys)
         self._rank = np.searchsorted(self._groups, self._keys)
+        # Weighted counts are differences of a running sum; plain counts are differences of indices.
+        self._cumulative = (
+            None
+            if weights is None
+            else np.concatenate([[0.0], np.cumsum(np.asarray(weights, np.float64)[order])])
+        )
 
     def count(self, q_keys: np.ndarray, q_ts: np.ndarray, window_ms: int) -> np.ndarray:
-        """Events with key == q_key and q_ts - window_ms <= ts < q_ts, in the caller's order."""
+        """Events (or their weights) with key == q_key and q_ts - window_ms <= ts < q_ts, caller's order."""
         points = QueryPoints(q_keys, q_ts)
         return points.unsort(self.counts(points, (window_ms,))[window_ms])
 
     def counts(self, points: QueryPoints, windows_ms: tuple[int, ...]) -> dict[int, np.ndarray]:
         """Counts for several windows at once, in the points' sorted order."""
-        out = {w: np.zeros(points.keys.size, dtype=np.int64) for w in windows_ms}
+        dtype = np.int64 if self._cumulative is None else np.float64
+        out = {w: np.zeros(points.keys.size, dtype=dtype) for w in windows_ms}
         if self._keys.size == 0 or points.keys.size == 0:
             return out
         rank = np.searchsorted(self._groups, points.keys)
@@ -78,7 +85,11 @@ class WindowCounter:
         needle = rank * span + (q - origin)
         upper = np.searchsorted(composite, needle, side="left")
         for w in windows_ms:
-            out[w][present] = upper - np.searchsorted(composite, needle - w, side="left")
+            lower = np.searchsorted(composite, needle - w, side="left")
+            if self._cumulative is None:
+                out[w][present] = upper - lower
+            else:
+                out[w][present] = self._cumulative[upper] - self._cumulative[lower]
         return out
 
 
@@ -142,28 +153,34 @@ class Counters:
         click = log.event_type == TYPE_CODE[EventType.CLICK]
         like = log.event_type == TYPE_CODE[EventType.LIKE]
         hide = log.event_type == TYPE_CODE[EventType.HIDE]
-        masks = {"imps": imp, "clicks": click}
+        masks = {"exposure": imp, "clicks": click}
+        exposure = spec.exposure_weight(log.position)
         self._counters: dict[tuple[str, str], WindowCounter] = {}
         for entity, column in (("user", log.user), ("item", log.item), ("creator", log.creator)):
             for measure in ENTITY_MEASURES[entity]:
                 m = masks[measure] & (column >= 0)
-                self._counters[(entity, measure)] = WindowCounter(column[m], log.ts[m])
+                weights = exposure[m] if measure == "exposure" else None
+                self._counters[(entity, measure)] = WindowCounter(column[m], log.ts[m], weights)
         for measure, m in (("likes", like), ("hides", hide)):
             self._counters[("item", measure)] = WindowCounter(log.item[m], log.ts[m])
-        topic_click = click & (log.topic >= 0)
-        self._user_topic = WindowCounter(
-            log.user[topic_click] * spec.n_topics + log.topic[topic_click], log.ts[topic_click]
-        )
+        self._user_topic: dict[str, WindowCounter] = {}
+        for measure, mask in masks.items():
+            m = mask & (log.topic >= 0)
+            weights = exposure[m] if measure == "exposure" else None
+            self._user_topic[measure] = WindowCounter(
+                log.user[m] * spec.n_topics + log.topic[m], log.ts[m], weights
+            )
 
     def entity(
         self, entity: str, measure: str, keys: np.ndarray, ts: np.ndarray, window_ms: int
     ) -> np.ndarray:
         return self._counters[(entity, measure)].count(keys, ts, window_ms)
 
-    def user_topic_clicks(self, users: np.ndarray, topics: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    def user_topic(self, measure: str, users: np.ndarray, topics: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """A user's clicks or exposure on one topic (per row) over the long window."""
         valid = topics >= 0
-        out = np.zeros(users.size, dtype=np.int64)
-        out[valid] = self._user_topic.count(
+        out = np.zeros(users.size, dtype=np.float64)
+        out[valid] = self._user_topic[measure].count(
             users[valid] * self.spec.n_topics + topics[valid], ts[valid], self.spec.long_window_ms
         )
         return out
@@ -180,7 +197,7 @@ class Counters:
         wanted: dict[tuple[str, str], tuple[int, ...]] = {
             (entity, measure): windows for entity in ENTITY_MEASURES for measure in ENTITY_MEASURES[entity]
         }
-        for key in (("item", "imps"), ("item", "clicks"), ("user", "clicks")):
+        for key in (("item", "exposure"), ("item", "clicks"), ("user", "clicks"), ("user", "exposure")):
             wanted[key] = tuple(sorted({*wanted[key], long}))
         wanted[("item", "likes")] = (long,)
         wanted[("item", "hides")] = (long,)
@@ -200,12 +217,14 @@ class Counters:
             for w in windows:
                 for measure in measures:
                     raw[spec.counter(entity, measure, w)] = counts[(entity, measure)][w]
-        raw["item_imps_long"] = counts[("item", "imps")][long]
+        raw["item_exposure_long"] = counts[("item", "exposure")][long]
         raw["item_clicks_long"] = counts[("item", "clicks")][long]
         raw["item_likes_long"] = counts[("item", "likes")][long]
         raw["item_hides_long"] = counts[("item", "hides")][long]
         raw["user_clicks_long"] = counts[("user", "clicks")][long]
-        raw["user_topic_clicks"] = self.user_topic_clicks(users, topics, ts)
+        raw["user_exposure_long"] = counts[("user", "exposure")][long]
+        raw["user_topic_clicks"] = self.user_topic("clicks", users, topics, ts)
+        raw["user_topic_exposure"] = self.user_topic("exposure", users, topics, ts)
         return raw
 
     # ------------------------------------------------------------------ online: rows as of one time
@@ -216,11 +235,12 @@ class Counters:
         ts = np.full(users.size, as_of_ms, dtype=np.int64)
         columns = []
         for name in spec.user_fields:
-            if name == "user_clicks_long":
-                columns.append(self.entity("user", "clicks", users, ts, spec.long_window_ms))
-            elif name.startswith("user_topic_clicks_"):
-                topic = int(name.rsplit("_", 1)[1])
-                columns.append(self.user_topic_clicks(users, np.full(users.size, topic), ts))
+            if name in ("user_clicks_long", "user_exposure_long"):
+                measure = name.split("_")[1]
+                columns.append(self.entity("user", measure, users, ts, spec.long_window_ms))
+            elif name.startswith("user_topic_"):
+                _, _, measure, topic = name.split("_")
+                columns.append(self.user_topic(measure, users, np.full(users.size, int(topic)), ts))
             else:
                 _, measure, _ = name.split("_", 2)
                 window = spec.windows_ms[

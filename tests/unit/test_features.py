@@ -45,19 +45,20 @@ def test_dense_transforms(tiny_config: DataConfig) -> None:
     spec = FeatureSpec.from_config(tiny_config)
     raw = {name: np.zeros(2) for name in (*spec.user_fields, *spec.item_fields)}
     hour = spec.window_label(spec.windows_ms[0])
-    raw[f"user_imps_{hour}"] = np.array([0.0, 80.0])
+    raw[f"user_exposure_{hour}"] = np.array([0.0, 80.0])
     raw[f"user_clicks_{hour}"] = np.array([0.0, 20.0])
     raw.update(
         age_ms=np.array([0.0, 3 * HOUR_MS]), position=np.array([0.0, 4.0]),
         user_topic_clicks=np.array([0.0, 5.0]), user_clicks_long=np.array([0.0, 5.0]),
-        item_likes_long=np.zeros(2), item_clicks_long=np.zeros(2), item_hides_long=np.zeros(2), item_imps_long=np.zeros(2),
+        user_topic_exposure=np.array([0.0, 10.0]), user_exposure_long=np.array([0.0, 50.0]),
+        item_likes_long=np.zeros(2), item_clicks_long=np.zeros(2), item_hides_long=np.zeros(2), item_exposure_long=np.zeros(2),
     )  # fmt: skip
     dense = spec.dense_matrix(raw)
     column = {name: dense[:, j] for j, name in enumerate(spec.dense_names)}
     m, p = spec.prior_strength, spec.prior_ctr
     assert column[f"user_ctr_{hour}"][0] == pytest.approx(p)  # no history: the prior
     assert column[f"user_ctr_{hour}"][1] == pytest.approx((20 + m * p) / (80 + m))
-    assert column[f"user_imps_log_{hour}"][1] == pytest.approx(np.log1p(80))
+    assert column[f"user_exposure_log_{hour}"][1] == pytest.approx(np.log1p(80))
     assert column["item_age_log"][1] == pytest.approx(np.log1p(3))
     assert column["position"].tolist() == [0, 4]
     s = spec.affinity_strength

@@ -24,10 +24,16 @@ from shared.world import SessionSimulator, World
 
 
 def brute_force(
-    keys: np.ndarray, ts: np.ndarray, q_keys: np.ndarray, q_ts: np.ndarray, window: int
+    keys: np.ndarray,
+    ts: np.ndarray,
+    q_keys: np.ndarray,
+    q_ts: np.ndarray,
+    window: int,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
+    w = np.ones(keys.size) if weights is None else weights
     return np.array(
-        [np.sum((keys == k) & (ts >= t - window) & (ts < t)) for k, t in zip(q_keys, q_ts, strict=True)]
+        [np.sum(w * ((keys == k) & (ts >= t - window) & (ts < t))) for k, t in zip(q_keys, q_ts, strict=True)]
     )
 
 
@@ -42,6 +48,19 @@ def test_window_counter_matches_brute_force_on_random_data() -> None:
         np.testing.assert_array_equal(
             counter.count(q_keys, q_ts, window), brute_force(keys, ts, q_keys, q_ts, window)
         )
+
+
+def test_weighted_counts_sum_the_weights() -> None:
+    rng = np.random.default_rng(2)
+    keys, ts, weights = rng.integers(0, 10, 3000), rng.integers(0, 5000, 3000), rng.random(3000)
+    q_keys, q_ts = rng.integers(0, 12, 400), rng.integers(0, 6000, 400)
+    counter = WindowCounter(keys, ts, weights)
+    np.testing.assert_allclose(
+        counter.count(q_keys, q_ts, 700),
+        brute_force(keys, ts, q_keys, q_ts, 700, weights),
+        rtol=1e-9,
+        atol=1e-9,
+    )
 
 
 def test_window_bounds_are_half_open() -> None:
@@ -127,15 +146,16 @@ def test_every_example_sees_exactly_the_past(tiny_config: DataConfig) -> None:
     imps = events.filter(pc.equal(events["event_type"], "impression"))
     c_users, c_ts = clicks["user_id"].to_numpy(), clicks["ts"].cast(pa.int64()).to_numpy()
     i_items, i_ts = imps["item_id"].to_numpy(), imps["ts"].cast(pa.int64()).to_numpy()
+    i_weights = spec.exposure_weight(imps["position"].to_numpy())
     day = spec.windows_ms[1]
     label = spec.window_label(day)
     users, items, ts = sample["user_id"].to_numpy(), sample["item_id"].to_numpy(), sample["ts"].to_numpy()
     expected_user_clicks = brute_force(c_users, c_ts, users, ts, day)
-    expected_item_imps = brute_force(i_items, i_ts, items, ts, day)
+    expected_item_exposure = brute_force(i_items, i_ts, items, ts, day, i_weights)
     np.testing.assert_allclose(
         sample[f"user_clicks_log_{label}"].to_numpy(), np.log1p(expected_user_clicks), rtol=1e-6
     )
     np.testing.assert_allclose(
-        sample[f"item_imps_log_{label}"].to_numpy(), np.log1p(expected_item_imps), rtol=1e-6
+        sample[f"item_exposure_log_{label}"].to_numpy(), np.log1p(expected_item_exposure), rtol=1e-6
     )
     assert expected_user_clicks.sum() > 0  # the check is not vacuous
