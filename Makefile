@@ -42,8 +42,8 @@ format: setup ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: setup ## benchmarks: ETL throughput and memory on ~1M events
-	$(BIN)/python -m tests.benchmarks.bench_etl
+bench: setup ## benchmarks on ~1M events: ETL throughput and memory, training time and ranking quality
+	$(BIN)/python -m tests.benchmarks
 
 redis: ## start a private local Redis on LOCAL_REDIS_PORT (for `make run`)
 	@mkdir -p $(RUN_DIR)
@@ -55,10 +55,12 @@ redis: ## start a private local Redis on LOCAL_REDIS_PORT (for `make run`)
 redis-stop: ## stop the private local Redis
 	@test -f $(RUN_DIR)/redis.pid && kill $$(cat $(RUN_DIR)/redis.pid) || true
 
-run: setup redis ## set up, then run the etl pipeline locally (real RQ worker) and show its steps
-	$(BIN)/python -m services.feature pipeline run etl --source simulate
-	$(BIN)/python -m services.feature worker --burst --queues ingest features
-	$(BIN)/python -m services.feature pipeline runs --limit 1
+run: setup redis ## set up, then run etl and train locally (real RQ worker) and show the registered model
+	$(BIN)/python -m services.trainer pipeline run etl+train --source simulate
+	$(BIN)/python -m services.trainer worker --burst --queues ingest features training
+	$(BIN)/python -m services.feature pipeline runs --name etl --limit 1
+	$(BIN)/python -m services.feature pipeline runs --name train --limit 1
+	$(BIN)/python -m services.trainer registry list
 
 clean: redis-stop ## remove local data, caches and the virtualenv
 	rm -rf $(RUN_DIR) data .mypy_cache .ruff_cache .pytest_cache $(VENV)

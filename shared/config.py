@@ -25,6 +25,8 @@ def parse_duration(value: Any) -> Any:
     """Accept '90s', '15m', '1h', '7d' (and plain seconds) so configs read like prose."""
     if isinstance(value, str):
         match = _DURATION_RE.match(value)
+        if not match and value.strip().startswith("P"):
+            return value  # ISO 8601 (what model_dump(mode="json") writes): pydantic parses it
         if not match:
             raise ValueError(f"invalid duration {value!r}: use a number and one of ms, s, m, h, d, w")
         number, unit = match.groups()
@@ -410,3 +412,85 @@ class ModelConfig(StrictModel):
 @cache
 def load_model_config(config_dir: Path, profile: str) -> ModelConfig:
     return load_config(ModelConfig, config_dir / "model.yaml", profile)
+
+
+# --------------------------------------------------------------------------- serving.yaml
+
+
+class ApiConfig(StrictModel):
+    max_candidates: int = Field(gt=0)
+    max_k: int = Field(gt=0)
+    default_k: int = Field(gt=0)
+
+
+class CandidatesConfig(StrictModel):
+    max: int = Field(gt=0)
+    trending: int = Field(ge=0)
+    fresh: int = Field(ge=0)
+    per_topic: int = Field(ge=0)
+    favourite_topics: int = Field(ge=0)
+    refresh: Duration
+
+
+class PostRankingConfig(StrictModel):
+    drop_engaged: bool
+    max_per_creator: int = Field(gt=0)
+
+
+class AbConfig(StrictModel):
+    challenger_share: Probability
+    salt: str
+
+
+class ServingModelsConfig(StrictModel):
+    reload_interval: Duration
+    onnx_intra_threads: int = Field(ge=1)
+    onnx_inter_threads: int = Field(ge=1)
+    smoke_rows: int = Field(gt=0)
+    cold_item_age: Duration
+
+
+class DegradationConfig(StrictModel):
+    redis_timeout: Duration
+    breaker_failures: int = Field(ge=1)
+    breaker_cooldown: Duration
+
+
+class ImpressionLogConfig(StrictModel):
+    maxlen: int = Field(gt=0)
+    queue_size: int = Field(gt=0)
+    batch: int = Field(gt=0)
+    flush_every: Duration
+
+
+class TrafficSimConfig(StrictModel):
+    rate: float = Field(gt=0, description="feed requests per second")
+    k: int = Field(gt=0)
+    concurrency: int = Field(gt=0)
+    catalog_every: Duration
+    events_batch: int = Field(gt=0)
+    flush_every: Duration
+
+
+class ServingConfig(StrictModel):
+    """config/serving.yaml: the ranker and the live traffic simulator."""
+
+    api: ApiConfig
+    candidates: CandidatesConfig
+    post_ranking: PostRankingConfig
+    ab: AbConfig
+    models: ServingModelsConfig
+    degradation: DegradationConfig
+    impression_log: ImpressionLogConfig
+    traffic: TrafficSimConfig
+
+    @model_validator(mode="after")
+    def _k_within_limits(self) -> ServingConfig:
+        if self.api.default_k > self.api.max_k:
+            raise ValueError("api.default_k must not exceed api.max_k")
+        return self
+
+
+@cache
+def load_serving_config(config_dir: Path, profile: str) -> ServingConfig:
+    return load_config(ServingConfig, config_dir / "serving.yaml", profile)

@@ -19,6 +19,12 @@ INGEST_REPORTS = f"{PREFIX}:ingest:reports"
 INGEST_TOTALS = f"{PREFIX}:ingest:totals"
 """Hash of lifetime counters: received, stored, quarantined, duplicates (per kind)."""
 
+SERVED_STREAM = f"{PREFIX}:served"
+"""Stream of served feeds (the ranker's impression log), drained into the lake by ingest."""
+
+SERVED_GROUP = "lake"
+"""Consumer group of the served stream that writes it to the lake."""
+
 
 def dedup_bucket(hour_ms: int) -> str:
     """Hash event_id -> batch_id of the events whose timestamp falls in that hour."""
@@ -33,6 +39,11 @@ def pipeline_run(run_id: str) -> str:
 def pipeline_runs(name: str) -> str:
     """Sorted set of run ids of one pipeline, scored by creation time."""
     return f"{PREFIX}:pipeline:runs:{name}"
+
+
+def pipeline_followers(run_id: str) -> str:
+    """List of runs chained after this one (cancelled if it fails)."""
+    return f"{PREFIX}:pipeline:run:{run_id}:followers"
 
 
 def pipeline_lock(name: str) -> str:

@@ -105,6 +105,20 @@ def _decode(mapping: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in mapping.items()}
 
 
+def _exception_line(traceback_text: str) -> str:
+    """The 'SomeError: message' line of a traceback (messages may span lines: keep the first few)."""
+    lines = traceback_text.strip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if (
+            lines[i]
+            and not lines[i].startswith((" ", "\t"))
+            and ":" in lines[i]
+            and not lines[i].startswith("Traceback")
+        ):
+            return " ".join(line.strip() for line in lines[i : i + 4])[:500]
+    return lines[-1] if lines else ""
+
+
 class PipelineRunner:
     """Submits runs and reads their state. `conn` is the queue Redis."""
 
@@ -122,11 +136,23 @@ class PipelineRunner:
         pipeline: Pipeline,
         params: dict[str, Any],
         *,
-        after: str | None = None,
+        after_run: str | None = None,
         run_id: str | None = None,
     ) -> str | None:
-        """Enqueue a run; None when another run of this pipeline is active. `after` = a job id to wait for."""
+        """Enqueue a run; None when another run of this pipeline is active.
+
+        `after_run` chains this run behind another one (etl -> train): its first step waits for
+        that run's last step, and if that run fails, this one is cancelled with it.
+        """
         run_id = run_id or f"{pipeline.name}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        after: str | None = None
+        if after_run is not None:
+            upstream = self.conn.hget(keys.pipeline_run(after_run), "jobs")
+            if upstream is None:
+                raise LookupError(f"cannot chain after unknown run {after_run}")
+            if self.run_status(after_run) == RUN_FAILED:
+                raise RuntimeError(f"cannot chain after failed run {after_run}")
+            after = json.loads(upstream)[-1]
         if not self._acquire(pipeline.name, run_id):
             log.info("pipeline_busy", pipeline=pipeline.name, active_run=self.active_run(pipeline.name))
             return None
@@ -138,12 +164,16 @@ class PipelineRunner:
             "params": json.dumps(params, sort_keys=True),
             "steps": json.dumps([s.name for s in pipeline.steps]),
             "jobs": json.dumps(job_ids),
+            "after_run": after_run or "",
         }
         ttl = int(self.config.result_ttl.total_seconds())
         with self.conn.pipeline() as pipe:
             pipe.hset(keys.pipeline_run(run_id), mapping=record)
             pipe.expire(keys.pipeline_run(run_id), ttl)
             pipe.zadd(keys.pipeline_runs(pipeline.name), {run_id: time.time()})
+            if after_run is not None:
+                pipe.rpush(keys.pipeline_followers(after_run), run_id)
+                pipe.expire(keys.pipeline_followers(after_run), ttl)
             pipe.execute()
         previous: str | None = after
         for step, job_id in zip(pipeline.steps, job_ids, strict=True):
@@ -169,7 +199,9 @@ class PipelineRunner:
                 meta={"run_id": run_id, "pipeline": pipeline.name, "step": step.name},
             )
             previous = job_id
-        log.info("pipeline_submitted", pipeline=pipeline.name, run_id=run_id, params=params, after=after)
+        log.info(
+            "pipeline_submitted", pipeline=pipeline.name, run_id=run_id, params=params, after_run=after_run
+        )
         return run_id
 
     # ------------------------------------------------------------------ locking
@@ -210,7 +242,7 @@ class PipelineRunner:
                 status = job_status.value if isinstance(job_status, JobStatus) else "unknown"
                 started, ended = job.started_at, job.ended_at
                 latest = job.latest_result() if status == JobStatus.FAILED else None
-                error = (latest.exc_string or "").strip().splitlines()[-1:] if latest else None
+                error = _exception_line(latest.exc_string or "") if latest else None
             except NoSuchJobError:
                 status, started, ended, error = "expired", None, None, None
             result = record.get(f"result:{name}")
@@ -222,7 +254,7 @@ class PipelineRunner:
                     started_at=started.isoformat(timespec="seconds") if started else None,
                     ended_at=ended.isoformat(timespec="seconds") if ended else None,
                     result=json.loads(result) if result else None,
-                    error=error[0] if error else None,
+                    error=error,
                 )
             )
         return RunView(
@@ -306,14 +338,28 @@ def on_step_failure(job: Job, connection: Redis, *exc_info: object) -> None:
     run_id, pipeline = meta.get("run_id"), meta.get("pipeline")
     if not run_id or not pipeline:
         return
+    _fail_run(connection, run_id, pipeline, after_job=job.id)
+    log.error("pipeline_failed", pipeline=pipeline, run_id=run_id, step=meta.get("step"))
+
+
+def _fail_run(connection: Redis, run_id: str, pipeline: str, after_job: str | None) -> None:
+    """Mark a run failed, cancel its remaining steps and every run chained after it, free its lock.
+
+    Downstream jobs would otherwise wait forever on a dependency that will never finish.
+    """
     connection.hset(keys.pipeline_run(run_id), "status", RUN_FAILED)
-    # Downstream steps would wait forever on a failed dependency: cancel them explicitly.
     record = connection.hget(keys.pipeline_run(run_id), "jobs")
     job_ids: list[str] = json.loads(record) if record else []
-    for later in job_ids[job_ids.index(job.id) + 1 :] if job.id in job_ids else []:
+    start = job_ids.index(after_job) + 1 if after_job in job_ids else 0
+    for later in job_ids[start:]:
         try:
             Job.fetch(later, connection=connection).cancel()
-        except (NoSuchJobError, Exception):
+        except Exception:
             continue
     connection.eval(_RELEASE, 1, keys.pipeline_lock(pipeline), run_id)
-    log.error("pipeline_failed", pipeline=pipeline, run_id=run_id, step=meta.get("step"))
+    for follower in connection.lrange(keys.pipeline_followers(run_id), 0, -1):
+        follower_id = follower.decode()
+        name = connection.hget(keys.pipeline_run(follower_id), "pipeline")
+        if name is not None:
+            connection.hset(keys.pipeline_run(follower_id), "error", f"upstream run {run_id} failed")
+            _fail_run(connection, follower_id, name.decode(), after_job=None)

@@ -14,7 +14,14 @@ from typing import Literal
 from pydantic import Field, RedisDsn
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.config import DataConfig, ModelConfig, load_data_config, load_model_config
+from shared.config import (
+    DataConfig,
+    ModelConfig,
+    ServingConfig,
+    load_data_config,
+    load_model_config,
+    load_serving_config,
+)
 
 REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
@@ -38,12 +45,21 @@ class Settings(BaseSettings):
         description="artifact location for a new experiment; None lets the server decide (its proxied store)",
     )
     git_sha: str | None = Field(default=None, description="code version when .git is absent (images)")
+    admin_token: str | None = Field(default=None, description="bearer token of the ranker's /admin endpoints")
+    model_cache_dir: Path = Field(default=Path("data/model-cache"), description="ranker's local model cache")
+    ranker_url: str = Field(
+        default="http://127.0.0.1:8000", description="where the traffic simulator sends /rank"
+    )
+    ingest_url: str = Field(default="http://127.0.0.1:8001", description="where engagements are posted")
 
     def data_config(self) -> DataConfig:
         return load_data_config(self.config_dir, self.profile)
 
     def ranking_model_config(self) -> ModelConfig:
         return load_model_config(self.config_dir, self.profile)
+
+    def serving_config(self) -> ServingConfig:
+        return load_serving_config(self.config_dir, self.profile)
 
 
 @cache

@@ -89,6 +89,7 @@ def service_env(
         "FEEDRANK_LOG_FORMAT": "console",
         "FEEDRANK_LOG_LEVEL": "WARNING",
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
+        "FEEDRANK_MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow/mlflow.db",
     }
     for key, value in env.items():
         if key != "PROMETHEUS_MULTIPROC_DIR":

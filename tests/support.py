@@ -97,7 +97,15 @@ def run_worker(
 ) -> subprocess.CompletedProcess[str]:
     """A real RQ worker in its own process, in burst mode: it works until the queues are empty."""
     return subprocess.run(
-        [sys.executable, "-m", "services.feature", "worker", "--burst", "--queues", *queues],
+        [
+            sys.executable,
+            "-m",
+            "services.feature",
+            "worker",
+            "--burst",
+            "--queues",
+            *queues,
+        ],  # any worker CLI will do
         cwd=REPO_ROOT,
         env={**os.environ, **service_env},
         capture_output=True,
@@ -105,3 +113,50 @@ def run_worker(
         timeout=timeout_s,
         check=False,
     )
+
+
+class StoppableRedis:
+    """A Redis a test may stop and start again on the same port, keeping its data (AOF on)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self._container: object | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._dir = tempfile.mkdtemp(prefix="feedrank-redis-stoppable-")
+        self._docker = docker_available() and not os.environ.get("FEEDRANK_TEST_REDIS_URL")
+        if not self._docker and not shutil.which("redis-server"):
+            raise NoRedisError(NO_REDIS)
+
+    def start(self) -> None:
+        if self._docker:
+            import docker
+
+            client = docker.from_env()
+            if self._container is None:
+                self._container = client.containers.run(
+                    REDIS_IMAGE, command=["redis-server", "--appendonly", "yes", "--appendfsync", "always"],
+                    ports={"6379/tcp": ("127.0.0.1", self.port)}, detach=True, remove=False,
+                )  # fmt: skip
+            else:
+                self._container.start()  # type: ignore[attr-defined]
+        else:
+            self._process = subprocess.Popen(
+                [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--appendonly", "yes", "--appendfsync", "always", "--dir", self._dir],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        wait_for_redis(self.url)
+
+    def stop(self) -> None:
+        if self._docker and self._container is not None:
+            self._container.stop(timeout=2)  # type: ignore[attr-defined]
+        elif self._process is not None:
+            self._process.terminate()
+            self._process.wait(10)
+
+    def remove(self) -> None:
+        self.stop()
+        if self._docker and self._container is not None:
+            self._container.remove(force=True)  # type: ignore[attr-defined]
+        shutil.rmtree(self._dir, ignore_errors=True)

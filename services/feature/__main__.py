@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
         runner = PipelineRunner(conn, config.pipeline)
         if args.action == "run":
-            from services.feature.pipelines import submit_etl
+            from shared.dags import submit_etl
 
             if args.end is not None and args.end.tzinfo is None:
                 print("--end needs a timezone, e.g. 2026-01-09T00:00:00+00:00", file=sys.stderr)
@@ -117,7 +117,7 @@ def _print_runs(views: list) -> None:  # type: ignore[type-arg]
 
 
 def _scheduler(conn, config) -> int:  # type: ignore[no-untyped-def]
-    from services.feature.pipelines import build_scheduler
+    from services.feature.schedule import build_scheduler
 
     try:
         cron = build_scheduler(conn, config)

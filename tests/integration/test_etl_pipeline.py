@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.feature.compute import Counters, event_log
-from services.feature.pipelines import etl_params, etl_pipeline
 from shared.connections import feature_store, lake
+from shared.dags import etl_params, etl_pipeline
 from shared.features import FeatureSpec
 from shared.pipeline import PipelineRunner, RunView
 from shared.settings import Settings
@@ -89,7 +89,8 @@ def test_etl_builds_datasets_and_the_online_store(
     np.testing.assert_array_equal(fetched.user, counters.user_rows(np.array([user]), as_of)[0])
     assert fetched.item_found.all()
     assert (
-        fetched.items[:, spec.item_fields.index(spec.counter("item", "imps", spec.windows_ms[-1]))].min() > 0
+        fetched.items[:, spec.item_fields.index(spec.counter("item", "exposure", spec.windows_ms[-1]))].min()
+        > 0
     )
 
 

@@ -154,3 +154,37 @@ def test_a_running_worker_exports_step_metrics(redis_pair: RedisPair, service_en
     finally:
         worker.terminate()
         worker.wait(10)
+
+
+def test_a_chained_run_waits_for_its_upstream(redis_pair: RedisPair, service_env: dict[str, str]) -> None:
+    runner = PipelineRunner(redis_pair.queue, config())
+    upstream = runner.submit(pipeline("record", "record"), {"name": "first"})
+    assert upstream is not None
+    follower_pipeline = Pipeline("later", (Step("a", "tests.integration.steps.record", QUEUE),))
+    follower = runner.submit(follower_pipeline, {"name": "second"}, after_run=upstream)
+    assert follower is not None
+    run_worker(service_env, [QUEUE])
+    assert runner.run_status(upstream) == runner.run_status(follower) == "finished"
+    first_done = Job.fetch(f"{upstream}--b", connection=redis_pair.queue).ended_at
+    second_started = Job.fetch(f"{follower}--a", connection=redis_pair.queue).started_at
+    assert first_done is not None
+    assert second_started is not None
+    assert second_started >= first_done
+
+
+def test_a_failed_upstream_cancels_the_chained_run(
+    redis_pair: RedisPair, service_env: dict[str, str]
+) -> None:
+    runner = PipelineRunner(redis_pair.queue, config(retries=0))
+    upstream = runner.submit(pipeline("broken"), {"name": "x"})
+    assert upstream is not None
+    follower_pipeline = Pipeline("later", (Step("a", "tests.integration.steps.record", QUEUE),))
+    follower = runner.submit(follower_pipeline, {"name": "y"}, after_run=upstream)
+    assert follower is not None
+    run_worker(service_env, [QUEUE])
+    view = runner.run(follower)
+    assert view is not None
+    assert view.status == "failed"
+    assert [s.status for s in view.steps] == ["canceled"]
+    assert runner.active_run("later") is None
+    assert redis_pair.queue.lrange(f"test:{follower}:ran", 0, -1) == []

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from rq import Queue
 
-from services.feature.pipelines import build_scheduler, scheduled_etl
+from services.feature.schedule import build_scheduler, scheduled_etl
 from shared.config import DataConfig, load_config
 from shared.pipeline import PipelineRunner
 from shared.settings import REPO_CONFIG_DIR, Settings
@@ -23,7 +23,7 @@ def test_scheduler_uses_the_configured_interval(redis_pair: RedisPair) -> None:
     assert job.queue_name == config.queues.features
     cron.enqueue_jobs()
     queued = Queue(config.queues.features, connection=redis_pair.queue).jobs
-    assert [j.func_name for j in queued] == ["services.feature.pipelines.scheduled_etl"]
+    assert [j.func_name for j in queued] == ["services.feature.schedule.scheduled_etl"]
 
 
 def test_no_schedule_when_disabled(tiny_config: DataConfig, redis_pair: RedisPair) -> None:

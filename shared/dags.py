@@ -1,4 +1,9 @@
-"""Pipeline definitions of the data plane (the seed's ETL DAG) and their schedule."""
+"""Pipeline definitions: the seed's Airflow DAGs as data (steps, dotted paths, queues).
+
+They live in the shared library, not in a service, so that any service or CLI can submit or chain
+any pipeline without importing another service's code: a step is only a dotted path, resolved by
+whichever worker consumes its queue.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 from redis import Redis
-from rq import get_current_job
-from rq.cron import CronScheduler
 
 from shared.clock import AcceleratedClock, Clock
-from shared.config import DataConfig
+from shared.config import DataConfig, ModelConfig
 from shared.pipeline import Pipeline, PipelineRunner, Step
-from shared.settings import get_settings
 from shared.timeutil import MINUTE_MS, duration_ms, to_ms
 
 Source = Literal["simulate", "lake"]
@@ -59,19 +61,39 @@ def submit_etl(conn: Redis, config: DataConfig, source: Source, end: datetime | 
     )
 
 
-def scheduled_etl() -> str | None:
-    """Enqueued by the RQ cron scheduler: an etl run over the latest lake window, unless one is active."""
-    job = get_current_job()
-    settings = get_settings()
-    conn = job.connection if job is not None else Redis.from_url(str(settings.queue_url))
-    return submit_etl(conn, settings.data_config(), "lake")
+def train_pipeline(model: ModelConfig, data: DataConfig) -> Pipeline:
+    """load -> train -> evaluate -> export -> register, on the training queue."""
+    q = data.queues.training
+    steps = ("load", "train", "evaluate", "export", "register")
+    return Pipeline("train", tuple(Step(name, f"services.trainer.jobs.{name}", q) for name in steps))
 
 
-def build_scheduler(conn: Redis, config: DataConfig) -> CronScheduler:
-    """RQ's cron scheduler with the configured etl interval (wall time)."""
-    every = config.pipeline.schedule_every
-    if every is None:
-        raise ValueError("pipeline.schedule_every is null: nothing to schedule")
-    cron = CronScheduler(connection=conn)
-    cron.register(scheduled_etl, queue_name=config.queues.features, interval=int(every.total_seconds()))
-    return cron
+def submit_train(
+    conn: Redis,
+    model: ModelConfig,
+    data: DataConfig,
+    *,
+    after_run: str | None = None,
+    dataset_id: str | None = None,
+    alias: str | None = None,
+) -> str | None:
+    """A training run on a dataset (default: the newest of the current feature version), optionally
+    chained after an etl run. `alias` forces the registry alias; by default the first model becomes
+    champion and later ones challenger."""
+    params: dict[str, Any] = {"dataset_id": dataset_id, "alias": alias}
+    return PipelineRunner(conn, model.pipeline).submit(
+        train_pipeline(model, data), params, after_run=after_run
+    )
+
+
+def submit_etl_then_train(
+    conn: Redis, data: DataConfig, model: ModelConfig, source: Source, end: datetime | None = None
+) -> tuple[str, str] | None:
+    """The bootstrap chain: an etl run and a training run that waits for it."""
+    etl_run = submit_etl(conn, data, source, end)
+    if etl_run is None:
+        return None
+    train_run = submit_train(conn, model, data, after_run=etl_run)
+    if train_run is None:
+        return None
+    return etl_run, train_run

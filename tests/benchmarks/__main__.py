@@ -1,0 +1,35 @@
+"""`make bench`: every benchmark in order on one private Redis and lake, figures printed and as JSON.
+
+python -m tests.benchmarks            # all
+python -m tests.benchmarks etl        # one section (later sections need earlier ones)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tests.benchmarks import bench_etl, bench_train
+from tests.benchmarks.common import bench_context
+
+SECTIONS = {"etl": bench_etl.run, "train": bench_train.run}
+
+
+def main(argv: list[str]) -> int:
+    wanted = argv or list(SECTIONS)
+    unknown = [s for s in wanted if s not in SECTIONS]
+    if unknown:
+        print(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}", file=sys.stderr)
+        return 2
+    last = max(list(SECTIONS).index(s) for s in wanted)
+    figures = {}
+    with bench_context() as ctx:
+        for name in list(SECTIONS)[: last + 1]:  # later sections build on earlier ones
+            figures[name] = SECTIONS[name](ctx)
+            print()
+    print("BENCH_JSON " + json.dumps({k: v for k, v in figures.items() if k in wanted}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
