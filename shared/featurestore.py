@@ -29,7 +29,11 @@ CATALOG_FIELDS = ("creator_id", "topic_id", "published_at")
 
 _FETCH = """
 local sid = redis.call('GET', KEYS[1])
-if not sid then return {false, false, {}, {}} end
+if not sid then
+  local engaged = {}
+  if #KEYS > 2 then engaged = redis.call('SMEMBERS', KEYS[3]) end
+  return {false, false, {}, {}, engaged}
+end
 local base = ARGV[1] .. sid
 local user = redis.call('HGET', base .. ':u', ARGV[2])
 local items = {}
@@ -42,7 +46,9 @@ if #ARGV > 2 then
 end
 local catalog = {}
 if #missing > 0 then catalog = redis.call('HMGET', KEYS[2], unpack(missing)) end
-return {sid, user, items, catalog}
+local engaged = {}
+if #KEYS > 2 then engaged = redis.call('SMEMBERS', KEYS[3]) end
+return {sid, user, items, catalog, engaged}
 """
 
 _SWAP = """
@@ -85,6 +91,7 @@ class Fetched:
     items: np.ndarray  # (n, len(item_fields))
     item_found: np.ndarray  # (n,) bool: row from the snapshot
     item_known: np.ndarray  # (n,) bool: from the snapshot or the catalog
+    engaged: frozenset[int] = frozenset()  # items the user already clicked, liked or hid
 
 
 class FeatureStore:
@@ -165,12 +172,17 @@ class FeatureStore:
         m = json.loads(meta)
         return Snapshot(m["feature_version"], m["snapshot_id"], m["as_of_ms"], m["users"], m["items"])
 
-    def fetch(self, spec: FeatureSpec, user_id: int, item_ids: list[int]) -> Fetched:
-        """One round trip: the user's row and every item's row from the same snapshot."""
+    def fetch(
+        self, spec: FeatureSpec, user_id: int, item_ids: list[int], with_engaged: bool = False
+    ) -> Fetched:
+        """One round trip: the user's row and every item's row from the same snapshot (and, if
+        asked, the set of items the user already engaged with)."""
         fv = spec.version
-        sid, user, rows, catalog = self._fetch(
-            keys=[keys.features_current(fv), keys.CATALOG],
-            args=[f"{keys.PREFIX}:fs:{fv}:", user_id, *item_ids],
+        script_keys = [keys.features_current(fv), keys.CATALOG]
+        if with_engaged:
+            script_keys.append(keys.engaged_items(user_id))
+        sid, user, rows, catalog, engaged = self._fetch(
+            keys=script_keys, args=[f"{keys.PREFIX}:fs:{fv}:", user_id, *item_ids]
         )
         n_user, n_item = len(spec.user_fields), len(spec.item_fields)
         user_vec = np.frombuffer(user, dtype=np.float64) if user else np.zeros(n_user)
@@ -201,4 +213,5 @@ class FeatureStore:
             items=matrix,
             item_found=found,
             item_known=known,
+            engaged=frozenset(int(i) for i in engaged),
         )

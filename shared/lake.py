@@ -3,6 +3,7 @@
     <root>/events/date=YYYY-MM-DD/hour=HH/part-<batch>.parquet    valid events
     <root>/catalog/date=YYYY-MM-DD/part-<batch>.parquet           item catalog (latest row per item wins)
     <root>/quarantine/<kind>/date=YYYY-MM-DD/part-<batch>.parquet rejected input with reasons
+    <root>/served/date=YYYY-MM-DD/hour=HH/part-<entry>.parquet    the ranker's impression log
     <root>/features/<feature_version>/<dataset_id>/...            offline datasets (see feature service)
 
 Every file is written to a hidden temporary name and renamed into place, so a reader never sees a
@@ -26,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from shared.schemas import CATALOG_SCHEMA, EVENT_SCHEMA, QUARANTINE_SCHEMA
+from shared.schemas import CATALOG_SCHEMA, EVENT_SCHEMA, QUARANTINE_SCHEMA, SERVED_SCHEMA
 from shared.timeutil import DAY_MS, HOUR_MS, from_ms
 
 _HIVE = ds.partitioning(pa.schema([("date", pa.string()), ("hour", pa.int32())]), flavor="hive")
@@ -92,6 +93,10 @@ class Lake:
     def features_dir(self) -> Path:
         return self.root / "features"
 
+    @property
+    def served_dir(self) -> Path:
+        return self.root / "served"
+
     def quarantine_dir(self, kind: str) -> Path:
         return self.root / "quarantine" / kind
 
@@ -105,6 +110,36 @@ class Lake:
             path = self.events_dir / f"date={hour:%Y-%m-%d}" / f"hour={hour:%H}" / f"part-{batch_id}.parquet"
             paths.append(write_parquet_atomic(part.cast(EVENT_SCHEMA), path))
         return paths
+
+    def write_served(self, table: pa.Table, name: str) -> list[Path]:
+        """Served slots partitioned by serving hour; `name` (the first stream entry id) keeps replays
+        from adding files."""
+        paths = []
+        for hour_ms, part in split_by_period(table, "ts", HOUR_MS):
+            hour = from_ms(hour_ms)
+            path = self.served_dir / f"date={hour:%Y-%m-%d}" / f"hour={hour:%H}" / f"part-{name}.parquet"
+            paths.append(write_parquet_atomic(part.cast(SERVED_SCHEMA), path))
+        return paths
+
+    def read_served(self, start_ms: int, end_ms: int) -> pa.Table:
+        """Served slots with start <= ts < end, one row per (request_id, position) even after replays."""
+        if not self.served_dir.exists():
+            return SERVED_SCHEMA.empty_table()
+        schema = SERVED_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("hour", pa.int32()))
+        dataset = ds.dataset(self.served_dir, format="parquet", partitioning=_HIVE, schema=schema)
+        ts_type = SERVED_SCHEMA.field("ts").type
+        condition = (
+            (ds.field("date") >= _date(start_ms))
+            & (ds.field("date") <= _date(max(start_ms, end_ms - 1)))
+            & (ds.field("ts") >= pa.scalar(start_ms, ts_type))
+            & (ds.field("ts") < pa.scalar(end_ms, ts_type))
+        )
+        table = dataset.to_table(columns=SERVED_SCHEMA.names, filter=condition)
+        if table.num_rows == 0:
+            return table
+        slot = pc.binary_join_element_wise(table["request_id"], pc.cast(table["position"], pa.string()), "#")
+        _, first = np.unique(slot.to_numpy(zero_copy_only=False), return_index=True)
+        return table.take(pa.array(np.sort(first)))
 
     def write_catalog(self, table: pa.Table, batch_id: str, received_ms: int) -> Path | None:
         if table.num_rows == 0:

@@ -42,6 +42,22 @@ CATALOG_SCHEMA = pa.schema(
 )
 """One item as published by the content side."""
 
+SERVED_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.int64(), nullable=False),
+        pa.field("item_id", pa.int64(), nullable=False),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("model_version", pa.int64(), nullable=True),  # null when the fallback served
+        pa.field("variant", pa.string(), nullable=False),
+        pa.field("feature_version", pa.string(), nullable=False),
+        pa.field("degraded", pa.bool_(), nullable=False),
+        pa.field("ts", TS_TYPE, nullable=False),
+    ]
+)
+"""One served slot of a feed, from the ranker's impression log: what the monitor joins with clicks."""
+
 QUARANTINE_SCHEMA = pa.schema(
     [
         pa.field("batch_id", pa.string(), nullable=False),

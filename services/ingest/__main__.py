@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--metrics-port", type=int, default=None)
     backfill = sub.add_parser("backfill", help="simulate N days of history and ingest it")
     backfill.add_argument("--days", type=int, default=None, help="default: backfill.days from config")
+    sub.add_parser("drain-served", help="write the ranker's impression log (Redis stream) to the lake")
     reports = sub.add_parser("reports", help="print recent batch validation reports")
     reports.add_argument("--limit", type=int, default=10)
     args = parser.parse_args(argv)
@@ -47,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "backfill":
         return _backfill(args.days)
+    if args.command == "drain-served":
+        from services.ingest.served import ServedDrain
+        from shared.connections import lake, queue_redis
+        from shared.logging import configure
+
+        configure(settings.log_level, settings.log_format)
+        ServedDrain(queue_redis(settings), lake(settings)).run_forever()
+        return 0
     if args.command == "reports":
         from shared import keys
         from shared.connections import queue_redis

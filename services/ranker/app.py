@@ -1,0 +1,291 @@
+"""The ranker's HTTP API. Request limits come from config/serving.yaml and appear in the OpenAPI schema.
+
+(No `from __future__ import annotations` here: FastAPI must see the request models built from
+config at app creation as real classes.)
+"""
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import structlog
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response, status
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, create_model
+from redis import Redis
+
+from services.ranker import metrics
+from services.ranker.candidates import CandidateStage
+from services.ranker.impressions import ImpressionLog
+from services.ranker.models import ModelManager, ServedModel
+from services.ranker.ranking import CHALLENGER, CHAMPION, RankedFeed, Ranker
+from shared.clock import AcceleratedClock, Clock
+from shared.config import ServingConfig
+from shared.features import FeatureSpec
+from shared.featurestore import FeatureStore
+from shared.logging import configure
+from shared.metrics import registry
+from shared.registry import Registry
+from shared.settings import Settings, get_settings
+
+log = structlog.get_logger(__name__)
+
+
+class RankedItem(BaseModel):
+    item_id: int
+    score: float = Field(description="P(click) if shown at the top of the feed")
+    position: int
+
+
+class RankResponse(BaseModel):
+    request_id: str
+    user_id: int
+    model_version: int | None = Field(description="registry version that scored the feed; null in fallback")
+    variant: str = Field(description="champion, challenger, or fallback")
+    feature_version: str
+    degraded: bool = Field(description="true when the fallback answered (Redis unavailable, no model)")
+    reason: str | None = None
+    candidates: int
+    items: list[RankedItem]
+
+
+class PredictResponse(BaseModel):
+    model_version: int | None
+    variant: str
+    feature_version: str
+    degraded: bool
+    reason: str | None = None
+    scores: list[float] = Field(description="P(click) per item, in the order given")
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+def request_models(api: Any, max_id: int) -> tuple[type[BaseModel], type[BaseModel]]:
+    """Request schemas whose limits are the configured ones."""
+    item_id = Annotated[int, Field(ge=0, le=max_id)]
+    rank = create_model(
+        "RankRequest",
+        user_id=(int, Field(ge=0, le=max_id, examples=[17])),
+        candidates=(
+            list[item_id] | None,
+            Field(
+                default=None,
+                max_length=api.max_candidates,
+                description="item ids to rank; omitted = the candidate stage picks a few hundred",
+                examples=[[101, 205, 333]],
+            ),
+        ),
+        k=(int, Field(default=api.default_k, ge=1, le=api.max_k, description="feed length")),
+    )
+    predict = create_model(
+        "PredictRequest",
+        user_id=(int, Field(ge=0, le=max_id, examples=[17])),
+        item_ids=(list[item_id], Field(min_length=1, max_length=api.max_candidates, examples=[[101, 205]])),
+        positions=(
+            list[Annotated[int, Field(ge=0)]] | None,
+            Field(default=None, description="slot of each item (default: the top slot)"),
+        ),
+    )
+    return rank, predict
+
+
+class Components:
+    """Everything the app runs; built in the lifespan so tests can reach in."""
+
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        data = settings.data_config()
+        serving = settings.serving_config()
+        model_config = settings.ranking_model_config()
+        self.settings = settings
+        self.serving = serving
+        self.spec = FeatureSpec.from_config(data)
+        timeout = serving.degradation.redis_timeout.total_seconds()
+        self.store_conn = Redis.from_url(
+            str(settings.feature_store_url), socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        self.queue_conn = Redis.from_url(
+            str(settings.queue_url), socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+        self.clock = clock or AcceleratedClock.shared(self.queue_conn, data)
+        self.store = FeatureStore(self.store_conn, data.online_store.ttl, data.online_store.superseded_ttl)
+        self.models = ModelManager(
+            registry=lambda: Registry(settings.mlflow_tracking_uri, model_config.registry),
+            aliases=(CHAMPION, CHALLENGER),
+            cache_dir=Path(settings.model_cache_dir),
+            spec=self.spec,
+            config=serving.models,
+            on_change=self._model_changed,
+        )
+        pools_conn = Redis.from_url(
+            str(settings.feature_store_url), socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        self.candidates = CandidateStage(
+            pools_conn, self.clock, data.world.n_topics, serving.candidates, data.realtime
+        )
+        self.impressions = ImpressionLog(
+            self.queue_conn,
+            serving.impression_log,
+            on_drop=metrics.IMPRESSIONS_DROPPED.inc,
+            on_write=metrics.IMPRESSIONS_LOGGED.inc,
+        )
+        self.ranker = Ranker(
+            self.store, self.spec, self.models, self.candidates, self.impressions, self.clock, serving
+        )
+        self.max_id = data.validation.max_id
+
+    @staticmethod
+    def _model_changed(alias: str, model: ServedModel | None, outcome: str) -> None:
+        metrics.MODEL_RELOADS.labels(alias, outcome).inc()
+        if outcome in ("loaded", "removed"):
+            metrics.MODEL_VERSION.labels(alias).set(model.version if model else 0)
+
+    def start(self) -> None:
+        self.impressions.start()
+        self.candidates.start()
+        self.models.start()
+
+    def stop(self) -> None:
+        self.models.stop()
+        self.candidates.stop()
+        self.impressions.stop()
+
+
+def require_admin(token: str | None, authorization: str | None) -> None:
+    if not token:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "admin endpoints are disabled: no admin token set"
+        )
+    presented = (authorization or "").removeprefix("Bearer ").strip()
+    if not secrets.compare_digest(presented.encode(), token.encode()):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a valid bearer token is required")
+
+
+def get_components(request: Request) -> Components:
+    found: Components = request.app.state.components
+    return found
+
+
+ComponentsDep = Annotated[Components, Depends(get_components)]
+
+
+def record_rank_metrics(feed: RankedFeed) -> None:
+    for stage, seconds in feed.timings.items():
+        if stage != "total":
+            metrics.STAGE_SECONDS.labels(stage).observe(seconds)
+    if feed.degraded:
+        metrics.FALLBACKS.labels(feed.reason or "unknown").inc()
+    metrics.CANDIDATES.observe(feed.candidates)
+    score_hist = metrics.SCORES.labels(feed.variant)
+    for score in feed.scores:
+        score_hist.observe(float(score))
+    metrics.REQUESTS.labels("rank", "200", feed.variant, str(feed.model_version or 0)).inc()
+
+
+def rank_response(feed: RankedFeed) -> RankResponse:
+    return RankResponse(
+        request_id=feed.request_id,
+        user_id=feed.user_id,
+        model_version=feed.model_version,
+        variant=feed.variant,
+        feature_version=feed.feature_version,
+        degraded=feed.degraded,
+        reason=feed.reason,
+        candidates=feed.candidates,
+        items=[
+            RankedItem(item_id=int(i), score=float(s), position=p)
+            for p, (i, s) in enumerate(zip(feed.items, feed.scores, strict=True))
+        ],
+    )
+
+
+def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    serving: ServingConfig = settings.serving_config()
+    rank_model, predict_model = request_models(serving.api, settings.data_config().validation.max_id)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure(settings.log_level, settings.log_format)
+        components = Components(settings, clock)
+        app.state.components = components
+        components.start()
+        yield
+        components.stop()
+
+    app = FastAPI(
+        title="feedrank ranker",
+        version="1",
+        summary="Ranked feeds from ONNX models and the online feature store, with A/B and fallbacks.",
+        lifespan=lifespan,
+    )
+
+    @app.post("/rank", response_model=RankResponse, responses={422: {"description": "invalid request"}})
+    def rank(body: rank_model, parts: ComponentsDep) -> RankResponse:  # type: ignore[valid-type]
+        """A ranked feed for a user: top k of the given candidates, or of the candidate stage's pick."""
+        started = time.perf_counter()
+        feed = parts.ranker.rank(body.user_id, body.candidates, body.k)  # type: ignore[attr-defined]
+        record_rank_metrics(feed)
+        metrics.REQUEST_SECONDS.labels("rank", feed.variant).observe(time.perf_counter() - started)
+        return rank_response(feed)
+
+    @app.post("/predict", response_model=PredictResponse, responses={422: {"description": "invalid request"}})
+    def predict(body: predict_model, parts: ComponentsDep) -> PredictResponse:  # type: ignore[valid-type]
+        """Click probabilities for the given items, in the given order."""
+        started = time.perf_counter()
+        positions = body.positions  # type: ignore[attr-defined]
+        if positions is not None and len(positions) != len(body.item_ids):  # type: ignore[attr-defined]
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT, "positions must match item_ids in length"
+            )
+        result = parts.ranker.predict(body.user_id, body.item_ids, positions)  # type: ignore[attr-defined]
+        if result.degraded and result.reason:
+            metrics.FALLBACKS.labels(result.reason).inc()
+        metrics.REQUESTS.labels("predict", "200", result.variant, str(result.model_version or 0)).inc()
+        metrics.REQUEST_SECONDS.labels("predict", result.variant).observe(time.perf_counter() - started)
+        return PredictResponse(
+            model_version=result.model_version,
+            variant=result.variant,
+            feature_version=result.feature_version,
+            degraded=result.degraded,
+            reason=result.reason,
+            scores=[float(s) for s in result.scores],
+        )
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers (it stays live without a model)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorOut}})
+    def readyz(parts: ComponentsDep) -> dict[str, Any]:
+        """Ready when a model is loaded and the feature store answers."""
+        problems = []
+        if not parts.models.models:
+            problems.append("no model loaded")
+        try:
+            parts.store_conn.ping()
+        except Exception as exc:
+            problems.append(f"feature store unreachable: {exc}")
+        if problems:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "; ".join(problems))
+        return {"status": "ready", "models": {a: m.version for a, m in parts.models.models.items()}}
+
+    @app.post("/admin/reload", responses={401: {"model": ErrorOut}, 503: {"model": ErrorOut}})
+    def admin_reload(
+        parts: ComponentsDep, authorization: Annotated[str | None, Header()] = None
+    ) -> dict[str, Any]:
+        """Check the registry aliases now and swap models that moved (bearer token required)."""
+        require_admin(settings.admin_token, authorization)
+        outcomes = parts.models.refresh()
+        return {"outcomes": outcomes, "models": {a: m.version for a, m in parts.models.models.items()}}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(registry()), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,257 @@
+"""Live traffic: simulated users ask the ranker for feeds and react to what they are shown.
+
+At a fixed request rate, a user (chosen by activity and time of day) requests a feed from the
+ranker; the world's ground truth decides, for the positions actually served, what the user saw,
+clicked, liked and hid. Impressions are posted to ingest at once; engagements are held until their
+own timestamp has passed on the world clock (a click comes seconds after the impression, a like
+after the dwell), which is what makes labels arrive late, as in production. New catalog items are
+published as the world clock reaches their publish time. This is what gives every model its
+online click rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+import structlog
+
+from shared.clock import Clock
+from shared.config import DataConfig, TrafficSimConfig
+from shared.schemas import EventType
+from shared.timeutil import DAY_MS, duration_ms, iso
+from shared.world import World
+
+log = structlog.get_logger(__name__)
+
+_CODES = {EventType.IMPRESSION: "i", EventType.CLICK: "c", EventType.LIKE: "l", EventType.HIDE: "h"}
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    failed_requests: int = 0
+    degraded: int = 0
+    impressions: int = 0
+    clicks: int = 0
+    events_posted: int = 0
+    events_rejected: int = 0
+    items_published: int = 0
+    by_variant: dict[str, list[int]] = field(default_factory=dict)  # variant -> [impressions, clicks]
+
+
+def engagements(
+    world: World, user: int, items: list[int], request_id: str, now_ms: int, rng: np.random.Generator
+) -> list[dict[str, Any]]:
+    """Events for one served feed: impressions now, engagements at their own (later) times."""
+    if not items:
+        return []
+    cm = world.config.click_model
+    n = len(items)
+    users = np.full(n, user)
+    item_ids = np.asarray(items, dtype=np.int64)
+    positions = np.arange(n)
+    ts = np.full(n, now_ms)
+    known = (item_ids >= 0) & (item_ids < world.n_items)
+    safe_items = np.where(known, item_ids, 0)
+    examined = rng.random(n) < world.examination(positions)
+    logit = world.relevance_logit(users, safe_items, ts)
+    clicked = known & examined & (rng.random(n) < 1.0 / (1.0 + np.exp(-logit)))
+    events: list[dict[str, Any]] = []
+
+    def event(kind: EventType, p: int, at: int, **extra: Any) -> dict[str, Any]:
+        return {
+            "event_id": f"{request_id}-{p}-{_CODES[kind]}",
+            "event_type": kind.value,
+            "user_id": user,
+            "item_id": int(item_ids[p]),
+            "request_id": request_id,
+            "position": p,
+            "ts": int(at),
+            **extra,
+        }
+
+    delay_ms = duration_ms(cm.click_delay_mean)
+    max_dwell = duration_ms(world.config.validation.max_dwell)
+    like_p = world.like_probability(users, safe_items, ts)
+    hide_p = world.hide_probability(users, safe_items, ts)
+    for p in range(n):
+        events.append(event(EventType.IMPRESSION, p, now_ms))
+        if clicked[p]:
+            click_at = now_ms + 1 + int(rng.exponential(delay_ms))
+            dwell = int(
+                min(
+                    rng.lognormal(
+                        cm.dwell_log_mean + cm.dwell_relevance_weight * (logit[p] - cm.base_logit),
+                        cm.dwell_log_sd,
+                    )
+                    * 1000,
+                    max_dwell,
+                )
+            )
+            events.append(event(EventType.CLICK, p, click_at, dwell_ms=dwell))
+            if rng.random() < like_p[p]:
+                events.append(event(EventType.LIKE, p, click_at + dwell))
+        elif known[p] and examined[p] and rng.random() < hide_p[p]:
+            events.append(event(EventType.HIDE, p, now_ms + 1 + int(rng.exponential(delay_ms))))
+    return events
+
+
+class TrafficSimulator:
+    def __init__(
+        self,
+        world: World,
+        clock: Clock,
+        config: TrafficSimConfig,
+        ranker_url: str,
+        ingest_url: str,
+        seed: int = 0,
+    ) -> None:
+        self.world = world
+        self.clock = clock
+        self.config = config
+        self.ranker_url = ranker_url.rstrip("/")
+        self.ingest_url = ingest_url.rstrip("/")
+        self.rng = np.random.default_rng(seed)
+        self.stats = Stats()
+        self._pending: list[tuple[int, int, dict[str, Any]]] = []  # (ts, tiebreak, event) heap
+        self._tiebreak = 0
+        self._published_until = int(clock.now_ms())
+
+    def pick_user(self, now_ms: int) -> int:
+        users = self.world.active_users(now_ms)
+        weights = self.world.user_activity[users]
+        return int(self.rng.choice(users, p=weights / weights.sum()))
+
+    def _hold(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self._tiebreak += 1
+            heapq.heappush(self._pending, (event["ts"], self._tiebreak, event))
+
+    def due_events(self, now_ms: int) -> list[dict[str, Any]]:
+        due = []
+        while self._pending and self._pending[0][0] <= now_ms:
+            due.append(heapq.heappop(self._pending)[2])
+        return due
+
+    async def request_feed(self, client: httpx.AsyncClient) -> None:
+        now = self.clock.now_ms()
+        user = self.pick_user(now)
+        try:
+            response = await client.post(
+                f"{self.ranker_url}/rank", json={"user_id": user, "k": self.config.k}
+            )
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            self.stats.failed_requests += 1
+            log.warning("rank_failed", error=repr(exc))
+            return
+        feed = response.json()
+        items = [entry["item_id"] for entry in feed["items"]]
+        events = engagements(self.world, user, items, feed["request_id"], now, self.rng)
+        self.stats.requests += 1
+        self.stats.degraded += int(feed["degraded"])
+        clicks = sum(1 for e in events if e["event_type"] == EventType.CLICK.value)
+        self.stats.impressions += len(items)
+        self.stats.clicks += clicks
+        counts = self.stats.by_variant.setdefault(feed["variant"], [0, 0])
+        counts[0] += len(items)
+        counts[1] += clicks
+        self._hold(events)
+
+    async def flush(self, client: httpx.AsyncClient, everything: bool = False) -> None:
+        due = self.due_events(2**62 if everything else self.clock.now_ms())
+        for lo in range(0, len(due), self.config.events_batch):
+            batch = due[lo : lo + self.config.events_batch]
+            try:
+                response = await client.post(f"{self.ingest_url}/events", json=batch)
+                report = response.json()
+                self.stats.events_posted += int(report.get("stored", 0))
+                self.stats.events_rejected += int(report.get("quarantined", 0))
+            except (httpx.HTTPError, ValueError) as exc:
+                log.warning("events_post_failed", error=repr(exc), events=len(batch))
+                self._hold(batch)  # try again next flush
+
+    async def publish_catalog(self, client: httpx.AsyncClient) -> None:
+        now = self.clock.now_ms()
+        fresh = np.flatnonzero(
+            (self.world.item_published_ms > self._published_until) & (self.world.item_published_ms <= now)
+        )
+        if fresh.size:
+            items = [
+                {
+                    "item_id": int(i),
+                    "creator_id": int(self.world.item_creator[i]),
+                    "topic_id": int(self.world.item_topic[i]),
+                    "published_at": int(self.world.item_published_ms[i]),
+                }
+                for i in fresh
+            ]
+            try:
+                response = await client.post(f"{self.ingest_url}/items", json=items)
+                response.raise_for_status()
+                self.stats.items_published += len(items)
+            except httpx.HTTPError as exc:
+                log.warning("catalog_post_failed", error=repr(exc))
+                return
+        self._published_until = now
+
+    async def run(self, duration_s: float | None = None) -> Stats:
+        """Fixed-rate requests (with at most `concurrency` in flight) until the duration passes."""
+        interval = 1.0 / self.config.rate
+        limiter = asyncio.Semaphore(self.config.concurrency)
+        started = time.monotonic()
+        last_flush = last_catalog = 0.0
+        tasks: set[asyncio.Task[None]] = set()
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            await self.publish_catalog(client)
+            next_at = time.monotonic()
+            while duration_s is None or time.monotonic() - started < duration_s:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at += interval
+
+                async def one() -> None:
+                    async with limiter:
+                        await self.request_feed(client)
+
+                task = asyncio.create_task(one())
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                now = time.monotonic()
+                if now - last_flush >= self.config.flush_every.total_seconds():
+                    last_flush = now
+                    await self.flush(client)
+                if now - last_catalog >= self.config.catalog_every.total_seconds():
+                    last_catalog = now
+                    await self.publish_catalog(client)
+                if self.stats.requests and self.stats.requests % 500 == 0:
+                    self.log_progress()
+            if tasks:
+                await asyncio.gather(*tasks)
+            await self.flush(client, everything=duration_s is not None)
+        self.log_progress()
+        return self.stats
+
+    def log_progress(self) -> None:
+        ctr = {v: round(c / max(i, 1), 4) for v, (i, c) in self.stats.by_variant.items()}
+        log.info(
+            "traffic_progress",
+            sim_time=iso(self.clock.now_ms()),
+            requests=self.stats.requests,
+            failed=self.stats.failed_requests,
+            degraded=self.stats.degraded,
+            ctr_by_variant=ctr,
+            pending_events=len(self._pending),
+        )
+
+
+def live_world(config: DataConfig) -> World:
+    """The world as the live simulator sees it (the same seed and knobs as the backfill)."""
+    if config.world.horizon.total_seconds() * 1000 < DAY_MS:
+        raise ValueError("world.horizon is too short for live traffic")
+    return World.create(config)
