@@ -146,6 +146,22 @@ class FeatureSpec:
 
     # ------------------------------------------------------------------ transforms
 
+    @cached_property
+    def _windowed_pairs(self) -> tuple[tuple[str, str], ...]:
+        """(exposure, clicks) counter names for user then item, per window, in dense order."""
+        return tuple(
+            (self.counter(entity, "exposure", w), self.counter(entity, "clicks", w))
+            for entity in ("user", "item")
+            for w in self.windows_ms
+        )
+
+    @cached_property
+    def _creator_pairs(self) -> tuple[tuple[str, str], ...]:
+        return tuple(
+            (self.counter("creator", "exposure", w), self.counter("creator", "clicks", w))
+            for w in self.windows_ms
+        )
+
     def exposure_weight(self, positions: np.ndarray) -> np.ndarray:
         """How much one impression at each position counts towards exposure."""
         return np.asarray((1.0 + np.asarray(positions, dtype=np.float64)) ** -self.position_discount)
@@ -165,16 +181,15 @@ class FeatureSpec:
             np.asarray(raw["position"], dtype=np.float64),
             np.log1p(np.maximum(np.asarray(raw["age_ms"], dtype=np.float64), 0.0) / HOUR_MS),
         ]
-        for entity in ("user", "item"):
-            for w in self.windows_ms:
-                exposure = np.asarray(raw[self.counter(entity, "exposure", w)], dtype=np.float64)
-                clicks = np.asarray(raw[self.counter(entity, "clicks", w)], dtype=np.float64)
-                columns += [self._ctr(clicks, exposure), np.log1p(exposure), np.log1p(clicks)]
-        for w in self.windows_ms:
+        for exposure_name, clicks_name in self._windowed_pairs:
+            exposure = np.asarray(raw[exposure_name], dtype=np.float64)
+            clicks = np.asarray(raw[clicks_name], dtype=np.float64)
+            columns += [self._ctr(clicks, exposure), np.log1p(exposure), np.log1p(clicks)]
+        for exposure_name, clicks_name in self._creator_pairs:
             columns.append(
                 self._ctr(
-                    np.asarray(raw[self.counter("creator", "clicks", w)], dtype=np.float64),
-                    np.asarray(raw[self.counter("creator", "exposure", w)], dtype=np.float64),
+                    np.asarray(raw[clicks_name], dtype=np.float64),
+                    np.asarray(raw[exposure_name], dtype=np.float64),
                 )
             )
         m = self.prior_strength

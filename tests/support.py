@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from redis import Redis
 
@@ -40,6 +41,15 @@ def docker_available() -> bool:
         return False
 
 
+def _without_reaper_if_unavailable() -> None:
+    """Ryuk (testcontainers' reaper) needs an image from a registry; where it cannot be had, run
+    without it (containers are stopped by our context managers anyway)."""
+    import docker
+
+    if not docker.from_env().images.list(name="testcontainers/ryuk"):
+        os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -66,6 +76,7 @@ def private_redis() -> Iterator[str]:
         yield explicit.rstrip("/").rsplit("/", 1)[0] if explicit.count("/") > 2 else explicit.rstrip("/")
         return
     if docker_available():
+        _without_reaper_if_unavailable()
         from testcontainers.community.redis import RedisContainer
 
         with RedisContainer(REDIS_IMAGE) as container:
@@ -160,3 +171,27 @@ class StoppableRedis:
         if self._docker and self._container is not None:
             self._container.remove(force=True)  # type: ignore[attr-defined]
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+@contextmanager
+def serve_app(app: Any, port: int | None = None) -> Iterator[str]:
+    """Run an ASGI app on a real socket (uvicorn in a thread); yields its base URL."""
+    import threading
+
+    import uvicorn
+
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the app did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import sys
 
-from tests.benchmarks import bench_etl, bench_train
+from tests.benchmarks import bench_etl, bench_ranker, bench_train
 from tests.benchmarks.common import bench_context
 
-SECTIONS = {"etl": bench_etl.run, "train": bench_train.run}
+SECTIONS = {"etl": bench_etl.run, "train": bench_train.run, "ranker": bench_ranker.run}
 
 
 def main(argv: list[str]) -> int:

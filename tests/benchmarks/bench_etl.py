@@ -13,7 +13,7 @@ from typing import Any
 
 from shared.dags import etl_params, etl_pipeline
 from shared.pipeline import PipelineRunner
-from tests.benchmarks.common import BenchContext
+from tests.benchmarks.common import PROFILE, BenchContext
 from tests.support import run_worker
 
 TARGET_SECONDS = 30.0
@@ -43,7 +43,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         "target_seconds": TARGET_SECONDS,
         "met": wall < TARGET_SECONDS,
     }
-    print("ETL (profile=bench, one RQ worker process, private Redis)")
+    print(f"ETL (profile={PROFILE}, one RQ worker process, private Redis)")
     print(f"  events            {events:>12,}")
     verdict = "met" if figures["met"] else "MISSED"
     print(f"  wall time         {wall:>12.2f} s   (target < {TARGET_SECONDS:.0f} s: {verdict})")

@@ -12,7 +12,7 @@ from typing import Any
 
 from shared.dags import submit_train
 from shared.pipeline import PipelineRunner
-from tests.benchmarks.common import BenchContext
+from tests.benchmarks.common import PROFILE, BenchContext
 from tests.support import run_worker
 
 TARGET_TRAIN_SECONDS = 180.0
@@ -52,7 +52,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     met_time = figures["train_seconds"] < TARGET_TRAIN_SECONDS
     met_lift = figures["lift_ndcg"] >= TARGET_LIFT
     figures["met"] = {"train_time": met_time, "lift": met_lift}
-    print(f"Training (profile=bench, architecture={ctx.model.architecture})")
+    print(f"Training (profile={PROFILE}, architecture={ctx.model.architecture})")
     print(f"  examples (train/val/test) {rows:>10,}   train rows {figures['train_rows']:,}")
     print(
         f"  training time     {figures['train_seconds']:>10.1f} s   (target < {TARGET_TRAIN_SECONDS:.0f} s: {'met' if met_time else 'MISSED'})"

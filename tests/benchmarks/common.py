@@ -15,7 +15,8 @@ from shared.config import DataConfig, ModelConfig, load_data_config, load_model_
 from shared.settings import REPO_CONFIG_DIR
 from tests.support import private_redis
 
-PROFILE = "bench"
+PROFILE = os.environ.get("FEEDRANK_BENCH_PROFILE", "bench")
+"""Override only to try the benchmarks quickly on the tiny world; reported figures use `bench`."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,9 @@ class BenchContext:
     queue: Redis
     data: DataConfig
     model: ModelConfig
+
+    def store_conn(self) -> Redis:
+        return Redis.from_url(self.env["FEEDRANK_FEATURE_STORE_URL"])
 
 
 @contextmanager
