@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,9 @@ ENTITY_MEASURES = {
 curve, (1 + position) ** -position_discount: an item the logging policy kept at the top collects
 clicks because it was seen, not because it is good, and clicks over exposure (COEC) corrects for
 that, where clicks over raw impressions would teach the model the old policy's order."""
+
+USER_TOPIC_MEASURES = ("clicks", "exposure", "hides")
+"""Per (user, topic) counters over the long window, packed as one column per topic in user rows."""
 
 ITEM_SLOW = ("item_exposure_long", "item_clicks_long", "item_likes_long", "item_hides_long")
 ITEM_STATIC = ("creator_id", "topic_id", "published_at")
@@ -86,7 +90,7 @@ class FeatureSpec:
     def user_fields(self) -> tuple[str, ...]:
         """Layout of a packed user row in the online store."""
         windowed = [self.counter("user", m, w) for w in self.windows_ms for m in ENTITY_MEASURES["user"]]
-        topics = [f"user_topic_{m}_{t}" for m in ("clicks", "exposure") for t in range(self.n_topics)]
+        topics = [f"user_topic_{m}_{t}" for m in USER_TOPIC_MEASURES for t in range(self.n_topics)]
         return (*windowed, "user_clicks_long", "user_exposure_long", *topics)
 
     @cached_property
@@ -114,6 +118,7 @@ class FeatureSpec:
             "user_topic_affinity",
             "user_topic_ctr",
             "user_topic_lift",
+            "user_topic_hide_rate",
         ]
         return tuple(names)
 
@@ -170,12 +175,12 @@ class FeatureSpec:
         """Clicks over expected clicks with a Beta prior: position-debiased, smoothed CTR."""
         return (clicks + self.prior_strength * self.prior_ctr) / (exposure + self.prior_strength)
 
-    def dense_matrix(self, raw: Mapping[str, np.ndarray]) -> np.ndarray:
+    def dense_matrix(self, raw: Mapping[str, Any]) -> np.ndarray:
         """Raw counters (one array per name, aligned by example) -> float32 matrix in `dense_names` order.
 
         Required raw names: position, age_ms, every windowed user/item/creator counter, the item
-        slow counters, user_clicks_long, user_exposure_long, and user_topic_clicks and
-        user_topic_exposure (the user's history on *this item's* topic).
+        slow counters, user_clicks_long, user_exposure_long, and user_topic_clicks,
+        user_topic_exposure and user_topic_hides (the user's history on *this item's* topic).
         """
         columns: list[np.ndarray] = [
             np.asarray(raw["position"], dtype=np.float64),
@@ -203,7 +208,12 @@ class FeatureSpec:
         )
         topic_ctr = (raw["user_topic_clicks"] + s * user_ctr) / (raw["user_topic_exposure"] + s)
         columns += [topic_ctr, np.log(topic_ctr / user_ctr)]
-        matrix = np.empty((len(columns[0]), len(columns)), dtype=np.float32, order="F")
+        # Negative taste: users hide what they dislike, so hides per exposure on this topic say
+        # which topics a user avoids, where clicks alone are too few to tell "disliked" from "unseen".
+        columns.append(
+            (raw["user_topic_hides"] + m * self.prior_hide_rate) / (raw["user_topic_exposure"] + m)
+        )
+        matrix = np.empty((np.shape(raw["position"])[0], len(columns)), dtype=np.float32, order="F")
         for j, column in enumerate(columns):
             matrix[:, j] = column
         return matrix
@@ -223,21 +233,21 @@ class FeatureSpec:
 
 def raw_from_rows(
     spec: FeatureSpec, user_row: np.ndarray, item_rows: np.ndarray, now_ms: int, positions: np.ndarray
-) -> dict[str, np.ndarray]:
+) -> dict[str, Any]:
     """Serving side of stage 1: one user's row and n item rows (online-store layouts) -> raw counters.
 
-    Mirrors the dataset builder: the user's counters broadcast to every item, the topic-click
-    counter is picked by each item's topic, and age is measured at request time.
+    Mirrors the dataset builder: the user's counters broadcast to every item (kept as scalars:
+    numpy broadcasts them in `dense_matrix`, so the user's part is computed once, not per item),
+    the topic counters are picked by each item's topic, and age is measured at request time.
     """
-    n = item_rows.shape[0]
-    raw: dict[str, np.ndarray] = {}
+    raw: dict[str, Any] = {}
     for j, name in enumerate(spec.user_fields):
         if not name.startswith("user_topic_"):
-            raw[name] = np.full(n, user_row[j])
+            raw[name] = user_row[j]
     for j, name in enumerate(spec.item_fields):
         raw[name] = item_rows[:, j]
     topics = np.clip(raw["topic_id"].astype(np.int64), 0, spec.n_topics - 1)
-    for measure in ("clicks", "exposure"):
+    for measure in USER_TOPIC_MEASURES:
         first = spec.user_fields.index(f"user_topic_{measure}_0")
         raw[f"user_topic_{measure}"] = user_row[first + topics]
     raw["age_ms"] = now_ms - raw["published_at"]

@@ -164,7 +164,7 @@ class Counters:
         for measure, m in (("likes", like), ("hides", hide)):
             self._counters[("item", measure)] = WindowCounter(log.item[m], log.ts[m])
         self._user_topic: dict[str, WindowCounter] = {}
-        for measure, mask in masks.items():
+        for measure, mask in (*masks.items(), ("hides", hide)):
             m = mask & (log.topic >= 0)
             weights = exposure[m] if measure == "exposure" else None
             self._user_topic[measure] = WindowCounter(
@@ -225,6 +225,7 @@ class Counters:
         raw["user_exposure_long"] = counts[("user", "exposure")][long]
         raw["user_topic_clicks"] = self.user_topic("clicks", users, topics, ts)
         raw["user_topic_exposure"] = self.user_topic("exposure", users, topics, ts)
+        raw["user_topic_hides"] = self.user_topic("hides", users, topics, ts)
         return raw
 
     # ------------------------------------------------------------------ online: rows as of one time

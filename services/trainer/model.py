@@ -136,9 +136,12 @@ class _Embedded(nn.Module):
         nn.init.zeros_(self.position_bias.weight)
         keep = np.asarray(features)
         self.norm = Standardize(spec.dense_mean[keep], spec.dense_std[keep])
-        self.lookups = nn.ModuleDict({c: IdLookup(spec.vocabularies[c]) for c in ID_COLUMNS})
+        # Only the configured id columns are embedded; the others are accepted and ignored, so the
+        # input contract stays the same whichever ids a model learns from.
+        self.embedded = [c for c in ID_COLUMNS if c in spec.config.embedding.columns]
+        self.lookups = nn.ModuleDict({c: IdLookup(spec.vocabularies[c]) for c in self.embedded})
         self.embeddings = nn.ModuleDict(
-            {c: nn.Embedding(self.lookups[c].size, dim) for c in ID_COLUMNS}  # type: ignore[arg-type]
+            {c: nn.Embedding(self.lookups[c].size, dim) for c in self.embedded}  # type: ignore[arg-type]
         )
         for embedding in self.embeddings.values():
             nn.init.normal_(embedding.weight, std=0.05)  # type: ignore[arg-type]
@@ -161,8 +164,7 @@ class _Embedded(nn.Module):
 class DLRM(_Embedded):
     """DLRM-style: bottom MLP on dense -> vector; pairwise dot products of all vectors; top MLP."""
 
-    pair_i: torch.Tensor
-    pair_j: torch.Tensor
+    pairs: torch.Tensor
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
@@ -170,10 +172,10 @@ class DLRM(_Embedded):
         if cfg.bottom_mlp[-1] != dim:
             raise ValueError(f"dlrm.bottom_mlp must end with embedding.dim={dim}")
         self.bottom = mlp([len(spec.dense_names) - 1, *cfg.bottom_mlp], cfg.dropout, final_activation=True)
-        n_vectors = 1 + len(ID_COLUMNS)
+        n_vectors = 1 + len(self.embedded)
         i, j = torch.triu_indices(n_vectors, n_vectors, offset=1)
-        self.register_buffer("pair_i", i)
-        self.register_buffer("pair_j", j)
+        # Flat positions of the upper triangle: one 1-D gather, cheaper in ONNX than 2-D indexing.
+        self.register_buffer("pairs", i * n_vectors + j)
         self.top = mlp([dim + i.numel(), *cfg.top_mlp, 1], cfg.dropout, final_activation=False)
 
     def forward(
@@ -186,8 +188,8 @@ class DLRM(_Embedded):
     ) -> torch.Tensor:
         x = self.bottom(self.features(dense))
         ids = {"user_id": user_id, "item_id": item_id, "creator_id": creator_id, "topic_id": topic_id}
-        vectors = torch.stack([x, *(self.embed(c, ids[c]) for c in ID_COLUMNS)], dim=1)
-        interactions = torch.bmm(vectors, vectors.transpose(1, 2))[:, self.pair_i, self.pair_j]
+        vectors = torch.stack([x, *(self.embed(c, ids[c]) for c in self.embedded)], dim=1)
+        interactions = torch.bmm(vectors, vectors.transpose(1, 2)).flatten(1).index_select(1, self.pairs)
         logits: torch.Tensor = self.top(torch.cat([x, interactions], dim=1)).squeeze(1)
         return logits + self.bias(dense)
 
@@ -210,8 +212,14 @@ class TwoTower(_Embedded):
         self.register_buffer("user_cols", torch.tensor(user, dtype=torch.int64))
         self.register_buffer("item_cols", torch.tensor(item, dtype=torch.int64))
         self.register_buffer("context_cols", torch.tensor(context, dtype=torch.int64))
-        self.user_tower = mlp([dim + len(user), *cfg.tower_mlp], cfg.dropout, final_activation=False)
-        self.item_tower = mlp([3 * dim + len(item), *cfg.tower_mlp], cfg.dropout, final_activation=False)
+        self.user_ids = [c for c in self.embedded if c == "user_id"]
+        self.item_ids = [c for c in self.embedded if c != "user_id"]
+        self.user_tower = mlp(
+            [dim * len(self.user_ids) + len(user), *cfg.tower_mlp], cfg.dropout, final_activation=False
+        )
+        self.item_tower = mlp(
+            [dim * len(self.item_ids) + len(item), *cfg.tower_mlp], cfg.dropout, final_activation=False
+        )
         self.context = nn.Linear(len(context), 1)
 
     def forward(
@@ -223,17 +231,12 @@ class TwoTower(_Embedded):
         topic_id: torch.Tensor,
     ) -> torch.Tensor:
         x = self.features(dense)
-        u = self.user_tower(torch.cat([self.embed("user_id", user_id), x[:, self.user_cols]], dim=1))
+        ids = {"user_id": user_id, "item_id": item_id, "creator_id": creator_id, "topic_id": topic_id}
+        u = self.user_tower(
+            torch.cat([*(self.embed(c, ids[c]) for c in self.user_ids), x[:, self.user_cols]], dim=1)
+        )
         v = self.item_tower(
-            torch.cat(
-                [
-                    self.embed("item_id", item_id),
-                    self.embed("creator_id", creator_id),
-                    self.embed("topic_id", topic_id),
-                    x[:, self.item_cols],
-                ],
-                dim=1,
-            )
+            torch.cat([*(self.embed(c, ids[c]) for c in self.item_ids), x[:, self.item_cols]], dim=1)
         )
         logits: torch.Tensor = (u * v).sum(dim=1) + self.context(x[:, self.context_cols]).squeeze(1)
         return logits + self.bias(dense)

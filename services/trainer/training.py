@@ -41,7 +41,9 @@ def make_spec(config: ModelConfig, dense_names: tuple[str, ...], train: Split) -
     return ModelSpec(
         architecture=config.architecture,
         dense_names=dense_names,
-        vocabularies={c: build_vocabulary(train.ids[c], config.embedding.min_count) for c in ID_COLUMNS},
+        vocabularies={
+            c: build_vocabulary(train.ids[c], config.embedding.min_count) for c in config.embedding.columns
+        },
         dense_mean=train.dense.mean(axis=0),
         dense_std=train.dense.std(axis=0),
         config=config,

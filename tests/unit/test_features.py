@@ -51,6 +51,7 @@ def test_dense_transforms(tiny_config: DataConfig) -> None:
         age_ms=np.array([0.0, 3 * HOUR_MS]), position=np.array([0.0, 4.0]),
         user_topic_clicks=np.array([0.0, 5.0]), user_clicks_long=np.array([0.0, 5.0]),
         user_topic_exposure=np.array([0.0, 10.0]), user_exposure_long=np.array([0.0, 50.0]),
+        user_topic_hides=np.array([0.0, 2.0]),
         item_likes_long=np.zeros(2), item_clicks_long=np.zeros(2), item_hides_long=np.zeros(2), item_exposure_long=np.zeros(2),
     )  # fmt: skip
     dense = spec.dense_matrix(raw)
@@ -63,6 +64,9 @@ def test_dense_transforms(tiny_config: DataConfig) -> None:
     assert column["position"].tolist() == [0, 4]
     s = spec.affinity_strength
     assert column["user_topic_affinity"][1] == pytest.approx((5 + s / spec.n_topics) / (5 + s))
+    h = spec.prior_hide_rate
+    assert column["user_topic_hide_rate"][0] == pytest.approx(h)  # no history: the prior
+    assert column["user_topic_hide_rate"][1] == pytest.approx((2 + m * h) / (10 + m))
     assert dense.dtype == np.float32
     assert dense.shape == (2, len(spec.dense_names))
 
