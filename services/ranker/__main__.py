@@ -15,6 +15,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
 
+    if args.workers > 1:
+        # Several worker processes share one /metrics view through prometheus-client's
+        # multiprocess mode, which must be on before prometheus_client is imported.
+        from shared.multiproc import prepare_multiprocess_dir
+
+        prepare_multiprocess_dir()
+
     import uvicorn
 
     from services.ranker.app import create_app

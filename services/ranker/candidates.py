@@ -8,7 +8,9 @@ pool doubles as the fallback ranking when Redis is unavailable.
 from __future__ import annotations
 
 import threading
+import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import structlog
@@ -54,31 +56,37 @@ class CandidateStage:
         return [key_for(newest - i * size) for i in range(self.realtime.popularity_buckets)]  # type: ignore[operator]
 
     def refresh(self) -> Pools:
-        """Rebuild every pool in one pipeline round trip."""
+        """Rebuild every pool in one round trip; Redis merges the buckets and returns only the top."""
         now = self.clock.now_ms()
         cfg = self.config
         with self.conn.pipeline(transaction=False) as pipe:
-            pipe.zunion(self._bucket_keys(now, keys.popular_bucket), withscores=True)
+            self._top(pipe, self._bucket_keys(now, keys.popular_bucket), cfg.trending)
             pipe.zrevrangebyscore(keys.FRESH_ITEMS, now, "-inf", start=0, num=cfg.fresh)
             for topic in range(self.n_topics):
-                pipe.zunion(
+                self._top(
+                    pipe,
                     self._bucket_keys(now, lambda b, t=topic: keys.topic_popular_bucket(t, b)),
-                    withscores=True,
+                    cfg.per_topic,
                 )
-            trending_raw, fresh_raw, *topics_raw = pipe.execute()
-        trending_sorted = sorted(trending_raw, key=lambda pair: -pair[1])[: cfg.trending]
+            replies = pipe.execute()
+        trending = replies[1]  # reply of ZRANGE in the first (ZUNIONSTORE, ZRANGE, DEL) triple
+        fresh = replies[3]
+        topics = [replies[4 + 3 * t + 1] for t in range(self.n_topics)]
         pools = Pools(
-            trending=_ids([member for member, _ in trending_sorted]),
-            trending_scores={int(m): float(s) for m, s in trending_raw},
-            fresh=_ids(fresh_raw),
-            by_topic={
-                topic: _ids([m for m, _ in sorted(raw, key=lambda pair: -pair[1])[: cfg.per_topic]])
-                for topic, raw in enumerate(topics_raw)
-            },
+            trending=_ids([member for member, _ in trending]),
+            trending_scores={int(m): float(s) for m, s in trending},
+            fresh=_ids(fresh),
+            by_topic={topic: _ids([m for m, _ in raw]) for topic, raw in enumerate(topics)},
             built_at_ms=now,
         )
         self.pools = pools
         return pools
+
+    def _top(self, pipe: Any, bucket_keys: list[str], n: int) -> None:
+        scratch = f"{keys.PREFIX}:rt:scratch:{uuid.uuid4().hex}"
+        pipe.zunionstore(scratch, bucket_keys)
+        pipe.zrange(scratch, 0, n - 1, desc=True, withscores=True)
+        pipe.delete(scratch)
 
     def for_user(self, topic_clicks: np.ndarray | None) -> np.ndarray:
         """Trending, fresh, and trending within the user's favourite topics; unique, capped."""

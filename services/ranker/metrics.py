@@ -37,7 +37,10 @@ SCORES = Histogram(
     buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0),
 )
 MODEL_VERSION = Gauge(
-    "feedrank_ranker_model_version", "Registry version served per variant (0 = none).", ["variant"]
+    "feedrank_ranker_model_version",
+    "Registry version served per variant (0 = none).",
+    ["variant"],
+    multiprocess_mode="mostrecent",
 )
 MODEL_RELOADS = Counter(
     "feedrank_ranker_model_reloads_total", "Model swaps by variant and outcome.", ["variant", "outcome"]

@@ -39,9 +39,10 @@ class ServedModel:
     contract: dict[str, Any]
     session: ort.InferenceSession
     position_column: int
+    id_inputs: tuple[str, ...]  # the id columns this graph reads (an exporter drops unused inputs)
 
     def score(self, dense: np.ndarray, ids: dict[str, np.ndarray]) -> np.ndarray:
-        feeds = {"dense": dense, **{c: ids[c] for c in ID_COLUMNS}}
+        feeds = {"dense": dense, **{c: ids[c] for c in self.id_inputs}}
         (scores,) = self.session.run(None, feeds)
         return np.asarray(scores)
 
@@ -73,6 +74,7 @@ def check_model(model: ServedModel, spec: FeatureSpec, rows: int) -> None:
         position=np.zeros(rows),
         user_topic_clicks=np.zeros(rows),
         user_topic_exposure=np.zeros(rows),
+        user_topic_hides=np.zeros(rows),
     )
     ids = {c: rng.integers(-1, 1000, rows).astype(np.int64) for c in ID_COLUMNS}
     scores = model.score(spec.dense_matrix(raw), ids)
@@ -128,13 +130,15 @@ class ModelManager:
     def load(self, alias: str, info: VersionInfo) -> ServedModel:
         directory = self.model_dir(info.version)
         contract = Registry.contract(directory)
+        session = load_session(directory / "model.onnx", self.config)
         model = ServedModel(
             variant=alias,
             version=info.version,
             feature_version=str(contract["feature_version"]),
             contract=contract,
-            session=load_session(directory / "model.onnx", self.config),
+            session=session,
             position_column=int(contract["position_column"]),
+            id_inputs=tuple(i.name for i in session.get_inputs() if i.name in ID_COLUMNS),
         )
         check_model(model, self.spec, self.config.smoke_rows)
         return model

@@ -33,7 +33,10 @@ class BenchContext:
 
 @contextmanager
 def bench_context() -> Iterator[BenchContext]:
-    with private_redis() as base, tempfile.TemporaryDirectory(prefix="feedrank-bench-") as tmp:
+    with (
+        private_redis(prefer_binary=True) as base,
+        tempfile.TemporaryDirectory(prefix="feedrank-bench-") as tmp,
+    ):
         root = Path(tmp)
         env = {
             "FEEDRANK_QUEUE_URL": f"{base}/1",

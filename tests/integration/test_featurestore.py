@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from redis import Redis
+from redis.connection import AbstractConnection
 
 from shared import keys
 from shared.config import DataConfig
@@ -36,19 +36,21 @@ def publish(store: FeatureStore, spec: FeatureSpec, as_of: int, scale: float = 1
     store.publish(spec, as_of, users, user_rows, items, item_rows)
 
 
-def round_trips(conn: Redis, monkeypatch: pytest.MonkeyPatch, action: Callable[[], object]) -> list[str]:
-    """Commands the client sends while `action` runs (each is one round trip)."""
-    sent: list[str] = []
-    real = conn.execute_command
+def round_trips(monkeypatch: pytest.MonkeyPatch, action: Callable[[], object]) -> int:
+    """How many times the client writes to the socket while `action` runs: one per round trip
+    (a pipeline sends all its commands in one write)."""
+    writes = 0
+    real = AbstractConnection.send_packed_command
 
-    def spy(*args: object, **kwargs: object) -> object:
-        sent.append(str(args[0]))
-        return real(*args, **kwargs)
+    def counting(self: AbstractConnection, command: object, check_health: bool = True) -> None:
+        nonlocal writes
+        writes += 1
+        real(self, command, check_health)
 
-    monkeypatch.setattr(conn, "execute_command", spy)
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
     action()
     monkeypatch.undo()
-    return sent
+    return writes
 
 
 def test_rows_round_trip_exactly(store: FeatureStore, spec: FeatureSpec) -> None:
@@ -65,12 +67,15 @@ def test_rows_round_trip_exactly(store: FeatureStore, spec: FeatureSpec) -> None
 
 
 def test_one_request_is_one_round_trip(
-    store: FeatureStore, spec: FeatureSpec, redis_pair: RedisPair, monkeypatch: pytest.MonkeyPatch
+    store: FeatureStore, spec: FeatureSpec, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     publish(store, spec, 1000)
-    store.fetch(spec, 3, [101])  # loads the script once
-    sent = round_trips(redis_pair.store, monkeypatch, lambda: store.fetch(spec, 3, list(range(100, 400))))
-    assert sent == ["EVALSHA"]
+    store.fetch(spec, 3, [101])  # learns the snapshot id once
+    assert (
+        round_trips(monkeypatch, lambda: store.fetch(spec, 3, list(range(100, 150)), with_engaged=True)) == 1
+    )
+    # items newer than the snapshot cost one more, to the catalog
+    assert round_trips(monkeypatch, lambda: store.fetch(spec, 3, [100, 9999])) == 2
 
 
 def test_unknown_user_and_items_are_zero_rows(store: FeatureStore, spec: FeatureSpec) -> None:
@@ -99,6 +104,20 @@ def test_no_snapshot_means_nothing_found(store: FeatureStore, spec: FeatureSpec)
     fetched = store.fetch(spec, 1, [100])
     assert fetched.snapshot_id is None
     assert not fetched.item_known.any()
+
+
+def test_a_reader_follows_the_pointer_and_never_mixes_snapshots(
+    store: FeatureStore, spec: FeatureSpec
+) -> None:
+    publish(store, spec, 1000, scale=1.0)
+    first = store.fetch(spec, 1, [101, 102])
+    publish(store, spec, 2000, scale=2.0)
+    during = store.fetch(spec, 1, [101, 102])  # learned of the move on this read
+    after = store.fetch(spec, 1, [101, 102])
+    assert first.snapshot_id == during.snapshot_id == snapshot_id_for(1000)
+    np.testing.assert_array_equal(during.items, first.items)  # every row from the old snapshot
+    assert after.snapshot_id == snapshot_id_for(2000)
+    np.testing.assert_array_equal(after.items, 2 * first.items)  # every row from the new one
 
 
 def test_pointer_never_moves_backwards(store: FeatureStore, spec: FeatureSpec) -> None:

@@ -154,7 +154,8 @@ def test_predict_scores_items_in_the_given_order(client: TestClient) -> None:
 
 
 def test_openapi_documents_the_limits(client: TestClient) -> None:
-    schema = client.get("/openapi.json").json()["components"]["schemas"]["RankRequest"]["properties"]
+    body = client.get("/openapi.json").json()["paths"]["/rank"]["post"]["requestBody"]
+    schema = body["content"]["application/json"]["schema"]["properties"]
     assert schema["k"]["maximum"] == SERVING.api.max_k
     assert schema["candidates"]["anyOf"][0]["maxItems"] == SERVING.api.max_candidates
 
@@ -436,3 +437,19 @@ def test_the_ranker_never_imports_torch() -> None:
     ).stdout
     modules = json.loads(out)
     assert not [m for m in modules if m.startswith("torch")]
+
+
+def test_candidate_pools_rank_trending_items_by_recent_clicks(
+    client: TestClient, trained_world: TrainedWorld
+) -> None:
+    stage = client.app.state.components.candidates  # type: ignore[attr-defined]
+    now = stage.clock.now_ms()
+    bucket_ms = int(stage.realtime.popularity_bucket.total_seconds() * 1000)
+    bucket = now // bucket_ms * bucket_ms
+    trained_world.store.zadd(keys.popular_bucket(bucket), {"11": 5, "12": 1})
+    trained_world.store.zadd(keys.popular_bucket(bucket - bucket_ms), {"12": 7, "13": 2})
+    pools = stage.refresh()
+    assert pools.trending[:3].tolist() == [12, 11, 13]  # 8, 5, 2 clicks over the buckets
+    assert pools.trending_scores[12] == 8
+    assert not trained_world.store.keys(f"{keys.PREFIX}:rt:scratch:*")  # scratch keys cleaned up
+    trained_world.store.delete(keys.popular_bucket(bucket), keys.popular_bucket(bucket - bucket_ms))
