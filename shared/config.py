@@ -347,6 +347,10 @@ class EmbeddingConfig(StrictModel):
     dim: int = Field(gt=0)
     min_count: int = Field(ge=1, description="ids seen fewer times in training share the 'unknown' row")
     id_dropout: Probability = Field(description="share of training rows whose ids are hidden as 'unknown'")
+    columns: list[Literal["user_id", "item_id", "creator_id", "topic_id"]] = Field(
+        default=["user_id", "item_id", "creator_id", "topic_id"],
+        description="id columns that get a learned vocabulary; the others always read the 'unknown' row",
+    )
 
 
 class DlrmConfig(StrictModel):
@@ -494,3 +498,82 @@ class ServingConfig(StrictModel):
 @cache
 def load_serving_config(config_dir: Path, profile: str) -> ServingConfig:
     return load_config(ServingConfig, config_dir / "serving.yaml", profile)
+
+
+# --------------------------------------------------------------------------- monitoring.yaml
+
+
+class MonitorWindows(StrictModel):
+    serving: Duration
+    label_delay: Duration
+    min_impressions: int = Field(gt=0)
+    reference_rows: int = Field(gt=0)
+
+
+class FeatureThresholds(StrictModel):
+    psi_warning: float = Field(gt=0)
+    psi_alert: float = Field(gt=0)
+
+
+class DriftDetectionConfig(StrictModel):
+    psi_bins: int = Field(ge=2)
+    psi_warning: float = Field(gt=0)
+    psi_alert: float = Field(gt=0)
+    ks_alpha: Probability
+    ks_min_effect: float = Field(ge=0, le=1)
+    categorical: list[str]
+    per_feature: dict[str, FeatureThresholds]
+    prediction_psi_warning: float = Field(gt=0)
+    prediction_psi_alert: float = Field(gt=0)
+    alert_features: int = Field(ge=1)
+
+    def thresholds(self, feature: str) -> FeatureThresholds:
+        return self.per_feature.get(feature) or FeatureThresholds(
+            psi_warning=self.psi_warning, psi_alert=self.psi_alert
+        )
+
+
+class QualityConfig(StrictModel):
+    min_impressions: int = Field(gt=0)
+    ctr_ratio_drop_alert: Probability
+
+
+class AlertsConfig(StrictModel):
+    stream_maxlen: int = Field(gt=0)
+    webhook_timeout: Duration
+
+
+class GateConfig(StrictModel):
+    ndcg_margin: float
+    auc_margin: float
+    log_loss_tolerance: float = Field(ge=0)
+
+
+class RetrainConfig(StrictModel):
+    cooldown: Duration
+    window: Duration
+    gate: GateConfig
+
+
+class AbTestConfig(StrictModel):
+    min_impressions: int = Field(gt=0)
+    alpha: Probability
+    max_impressions: int = Field(gt=0)
+
+
+class MonitoringConfig(StrictModel):
+    """config/monitoring.yaml: drift, online quality, alerts, retraining and the A/B decision."""
+
+    schedule_every: Duration
+    windows: MonitorWindows
+    drift: DriftDetectionConfig
+    quality: QualityConfig
+    alerts: AlertsConfig
+    retrain: RetrainConfig
+    ab: AbTestConfig
+    pipeline: PipelineConfig
+
+
+@cache
+def load_monitoring_config(config_dir: Path, profile: str) -> MonitoringConfig:
+    return load_config(MonitoringConfig, config_dir / "monitoring.yaml", profile)

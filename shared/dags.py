@@ -13,11 +13,14 @@ from typing import Any, Literal
 from redis import Redis
 
 from shared.clock import AcceleratedClock, Clock
-from shared.config import DataConfig, ModelConfig
+from shared.config import DataConfig, ModelConfig, MonitoringConfig
 from shared.pipeline import Pipeline, PipelineRunner, Step
 from shared.timeutil import MINUTE_MS, duration_ms, to_ms
 
 Source = Literal["simulate", "lake"]
+
+CANDIDATE = "candidate"
+"""Registry alias of a freshly trained model waiting for the offline gate."""
 
 
 def etl_pipeline(config: DataConfig) -> Pipeline:
@@ -97,3 +100,64 @@ def submit_etl_then_train(
     if train_run is None:
         return None
     return etl_run, train_run
+
+
+def monitor_pipeline(data: DataConfig, monitoring: MonitoringConfig) -> Pipeline:
+    """serving_window (feature worker) -> assess -> act (monitor worker)."""
+    return Pipeline(
+        "monitor",
+        (
+            Step("serving_window", "services.feature.jobs.build_serving_window", data.queues.features),
+            Step("assess", "services.monitor.jobs.assess", data.queues.monitoring),
+            Step("act", "services.monitor.jobs.act", data.queues.monitoring),
+        ),
+    )
+
+
+def monitor_params(monitoring: MonitoringConfig, clock: Clock) -> dict[str, Any]:
+    end_ms = clock.now_ms() // MINUTE_MS * MINUTE_MS
+    return {
+        "start_ms": end_ms - duration_ms(monitoring.windows.serving),
+        "end_ms": end_ms,
+        "label_delay_ms": duration_ms(monitoring.windows.label_delay),
+    }
+
+
+def submit_monitor(conn: Redis, data: DataConfig, monitoring: MonitoringConfig) -> str | None:
+    clock = AcceleratedClock.shared(conn, data)
+    runner = PipelineRunner(conn, monitoring.pipeline)
+    return runner.submit(monitor_pipeline(data, monitoring), monitor_params(monitoring, clock))
+
+
+def gate_pipeline(data: DataConfig) -> Pipeline:
+    return Pipeline("gate", (Step("gate", "services.monitor.jobs.gate", data.queues.monitoring),))
+
+
+def submit_retrain(
+    conn: Redis, data: DataConfig, model: ModelConfig, monitoring: MonitoringConfig, reason: str
+) -> dict[str, str] | None:
+    """The retraining DAG: etl on the recent lake window -> train a candidate -> offline gate.
+
+    If an etl run is already active (the schedule's), training chains after it instead of
+    starting another. Returns the run ids, or None when a retrain is already in flight.
+    """
+    runner = PipelineRunner(conn, data.pipeline)
+    clock = AcceleratedClock.shared(conn, data)
+    params = etl_params(data, "lake", clock=clock)
+    params["start_ms"] = max(
+        params["end_ms"] - duration_ms(monitoring.retrain.window), to_ms(data.world.start)
+    )
+    etl_run = runner.submit(etl_pipeline(data), params) or runner.active_run("etl")
+    if etl_run is None:
+        return None
+    train_run = PipelineRunner(conn, model.pipeline).submit(
+        train_pipeline(model, data),
+        {"dataset_id": None, "alias": CANDIDATE, "reason": reason},
+        after_run=etl_run,
+    )
+    if train_run is None:
+        return None
+    gate_run = PipelineRunner(conn, monitoring.pipeline).submit(
+        gate_pipeline(data), {"train_run": train_run}, after_run=train_run
+    )
+    return {"etl": etl_run, "train": train_run, "gate": gate_run or ""}

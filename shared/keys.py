@@ -13,6 +13,27 @@ PREFIX = "fr"
 CLOCK_ANCHOR = f"{PREFIX}:clock:anchor"
 """Wall time (epoch seconds) at which the world clock read `live_start`."""
 
+WORLD_DRIFT = f"{PREFIX}:world:drift"
+"""JSON overrides of the drift knobs injected at run time (shared.world.runtime)."""
+
+ALERTS = f"{PREFIX}:monitor:alerts"
+"""Stream of structured alerts (severity, what, value, threshold, window)."""
+
+AUDIT = f"{PREFIX}:monitor:audit"
+"""Stream of decisions with their numbers: retrains, gate results, promotions, rejections, rollbacks."""
+
+MONITOR_LATEST = f"{PREFIX}:monitor:latest"
+"""JSON of the latest monitoring report (what the monitor's /metrics exports)."""
+
+MONITOR_AB = f"{PREFIX}:monitor:ab"
+"""JSON of the latest A/B test figures and decision."""
+
+DECISIONS = f"{PREFIX}:monitor:decisions"
+"""Hash: decision kind -> how many times it was taken (exported as a counter)."""
+
+RETRAIN_COOLDOWN = f"{PREFIX}:monitor:retrain-cooldown"
+"""Set (NX, with a TTL) when a retrain starts: later alerts within the TTL start none."""
+
 INGEST_REPORTS = f"{PREFIX}:ingest:reports"
 """Stream of per-batch validation reports (capped)."""
 

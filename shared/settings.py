@@ -17,9 +17,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.config import (
     DataConfig,
     ModelConfig,
+    MonitoringConfig,
     ServingConfig,
     load_data_config,
     load_model_config,
+    load_monitoring_config,
     load_serving_config,
 )
 
@@ -51,6 +53,7 @@ class Settings(BaseSettings):
         default="http://127.0.0.1:8000", description="where the traffic simulator sends /rank"
     )
     ingest_url: str = Field(default="http://127.0.0.1:8001", description="where engagements are posted")
+    alert_webhook_url: str | None = Field(default=None, description="alerts are also POSTed here when set")
 
     def data_config(self) -> DataConfig:
         return load_data_config(self.config_dir, self.profile)
@@ -60,6 +63,9 @@ class Settings(BaseSettings):
 
     def serving_config(self) -> ServingConfig:
         return load_serving_config(self.config_dir, self.profile)
+
+    def monitoring_config(self) -> MonitoringConfig:
+        return load_monitoring_config(self.config_dir, self.profile)
 
 
 @cache

@@ -23,6 +23,7 @@ STEP_MODULES = {
     "ingest": "services.ingest.jobs",
     "features": "services.feature.jobs",
     "training": "services.trainer.jobs",
+    "monitoring": "services.monitor.jobs",
 }
 """Queue name (config default) -> the module whose steps it runs, imported once by the worker."""
 

@@ -69,13 +69,16 @@ def wait_for_redis(url: str, timeout_s: float = 20.0) -> None:
 
 
 @contextmanager
-def private_redis() -> Iterator[str]:
+def private_redis(prefer_binary: bool = False) -> Iterator[str]:
     """redis://host:port of a Redis nobody else uses: FEEDRANK_TEST_REDIS_URL, else a container,
-    else a redis-server binary. Raises NoRedisError (with what to do) when none is possible."""
+    else a redis-server binary. Raises NoRedisError (with what to do) when none is possible.
+
+    Benchmarks prefer a native redis-server when there is one: a container's port proxy adds its
+    own latency and CPU to every round trip, which is not the ranker's."""
     if explicit := os.environ.get("FEEDRANK_TEST_REDIS_URL"):
         yield explicit.rstrip("/").rsplit("/", 1)[0] if explicit.count("/") > 2 else explicit.rstrip("/")
         return
-    if docker_available():
+    if docker_available() and not (prefer_binary and shutil.which("redis-server")):
         _without_reaper_if_unavailable()
         from testcontainers.community.redis import RedisContainer
 

@@ -171,3 +171,23 @@ def materialize(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         "users": snapshot.users,
         "items": snapshot.items,
     }
+
+
+def build_serving_window(params: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """monitor step 1: point-in-time features and (delayed) labels of the recently served impressions,
+    built by the same code as the training sets so that the monitor compares like with like."""
+    settings = get_settings()
+    config = settings.data_config()
+    the_lake = lake(settings)
+    spec = FeatureSpec.from_config(config)
+    lookback = DatasetWindow.from_config(config, params["start_ms"], params["end_ms"]).lookback_ms
+    window = DatasetWindow(params["start_ms"], params["end_ms"], lookback, params["label_delay_ms"])
+    events = the_lake.read_events(window.history_start_ms, window.end_ms)
+    table, stats = build_examples(events, the_lake.read_catalog(), spec, window)
+    path = write_parquet_atomic(table, the_lake.root / "monitoring" / run_id / "serving.parquet")
+    return {
+        "rows": table.num_rows,
+        "window": f"{iso(window.start_ms)} .. {iso(window.examples_end_ms)}",
+        "unknown_item_impressions": stats.unknown_item_impressions,
+        "path": str(path),
+    }

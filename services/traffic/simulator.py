@@ -20,12 +20,14 @@ from typing import Any
 import httpx
 import numpy as np
 import structlog
+from redis import Redis
 
 from shared.clock import Clock
-from shared.config import DataConfig, TrafficSimConfig
+from shared.config import TrafficSimConfig
 from shared.schemas import EventType
-from shared.timeutil import DAY_MS, duration_ms, iso
+from shared.timeutil import duration_ms, iso
 from shared.world import World
+from shared.world.runtime import drift_overrides, with_overrides
 
 log = structlog.get_logger(__name__)
 
@@ -111,8 +113,12 @@ class TrafficSimulator:
         ranker_url: str,
         ingest_url: str,
         seed: int = 0,
+        drift_source: Redis | None = None,
     ) -> None:
         self.world = world
+        self._base_config = world.config
+        self._drift_source = drift_source
+        self._drift: dict[str, Any] = {}
         self.clock = clock
         self.config = config
         self.ranker_url = ranker_url.rstrip("/")
@@ -177,7 +183,18 @@ class TrafficSimulator:
                 log.warning("events_post_failed", error=repr(exc), events=len(batch))
                 self._hold(batch)  # try again next flush
 
+    def follow_drift(self) -> None:
+        """Pick up drift injected at run time (python -m services.traffic inject-drift)."""
+        if self._drift_source is None:
+            return
+        overrides = drift_overrides(self._drift_source)
+        if overrides != self._drift:
+            self._drift = overrides
+            self.world = World.create(with_overrides(self._base_config, overrides))
+            log.info("world_drift_changed", drift=overrides)
+
     async def publish_catalog(self, client: httpx.AsyncClient) -> None:
+        self.follow_drift()
         now = self.clock.now_ms()
         fresh = np.flatnonzero(
             (self.world.item_published_ms > self._published_until) & (self.world.item_published_ms <= now)
@@ -248,10 +265,3 @@ class TrafficSimulator:
             ctr_by_variant=ctr,
             pending_events=len(self._pending),
         )
-
-
-def live_world(config: DataConfig) -> World:
-    """The world as the live simulator sees it (the same seed and knobs as the backfill)."""
-    if config.world.horizon.total_seconds() * 1000 < DAY_MS:
-        raise ValueError("world.horizon is too short for live traffic")
-    return World.create(config)

@@ -1,0 +1,1 @@
+"""monitor: drift, online quality from delayed labels, alerts, retraining and the A/B decision."""

@@ -1,0 +1,48 @@
+"""Drift injected into a running world: overrides of the drift knobs, shared through Redis so that
+the traffic simulator (the ground truth) and every oracle (trainer, monitor) agree on the world."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+from redis import Redis
+
+from shared import keys
+from shared.config import DataConfig, DriftConfig, deep_merge, format_duration
+from shared.timeutil import to_ms
+from shared.world.world import World
+
+
+def drift_overrides(conn: Redis) -> dict[str, Any]:
+    raw = conn.get(keys.WORLD_DRIFT)
+    return json.loads(raw) if raw else {}
+
+
+def with_overrides(config: DataConfig, overrides: dict[str, Any]) -> DataConfig:
+    if not overrides:
+        return config
+    document = deep_merge(config.model_dump(mode="json"), {"drift": overrides})
+    return DataConfig.model_validate(document)
+
+
+def live_world(config: DataConfig, conn: Redis) -> World:
+    """The world with any drift injected at run time."""
+    return World.create(with_overrides(config, drift_overrides(conn)))
+
+
+def inject_drift(conn: Redis, config: DataConfig, knob: str, at_ms: int, **params: Any) -> dict[str, Any]:
+    """Start drift knob `knob` at sim time `at_ms` (with optional knob parameters)."""
+    if knob not in DriftConfig.model_fields:
+        raise ValueError(f"unknown drift knob {knob!r}; choose from {', '.join(DriftConfig.model_fields)}")
+    after = timedelta(milliseconds=at_ms - to_ms(config.world.start))
+    overrides = drift_overrides(conn)
+    overrides[knob] = {**overrides.get(knob, {}), **params, "starts_after": format_duration(after)}
+    with_overrides(config, overrides)  # validate before anyone sees it
+    conn.set(keys.WORLD_DRIFT, json.dumps(overrides))
+    return overrides
+
+
+def clear_drift(conn: Redis) -> None:
+    conn.delete(keys.WORLD_DRIFT)
