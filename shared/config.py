@@ -194,6 +194,9 @@ class IngestConfig(StrictModel):
 class FeatureConfig(StrictModel):
     windows: list[Duration] = Field(min_length=1)
     long_window: Duration = Field(description="window of the slow signals: creator, likes, hides, affinity")
+    recent_taste_window: Duration = Field(
+        description="the user's recent interest per topic, beside the long view"
+    )
     prior_ctr: Probability
     prior_strength: float = Field(gt=0)
     prior_like_rate: Probability
@@ -536,6 +539,7 @@ class DriftDetectionConfig(StrictModel):
 class QualityConfig(StrictModel):
     min_impressions: int = Field(gt=0)
     ctr_ratio_drop_alert: Probability
+    recovery_tolerance: Probability
 
 
 class AlertsConfig(StrictModel):
@@ -552,6 +556,8 @@ class GateConfig(StrictModel):
 class RetrainConfig(StrictModel):
     cooldown: Duration
     window: Duration
+    validation: Duration
+    test: Duration
     gate: GateConfig
 
 

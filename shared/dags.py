@@ -147,6 +147,8 @@ def submit_retrain(
     params["start_ms"] = max(
         params["end_ms"] - duration_ms(monitoring.retrain.window), to_ms(data.world.start)
     )
+    params["validation_ms"] = duration_ms(monitoring.retrain.validation)
+    params["test_ms"] = duration_ms(monitoring.retrain.test)
     etl_run = runner.submit(etl_pipeline(data), params) or runner.active_run("etl")
     if etl_run is None:
         return None

@@ -44,7 +44,11 @@ clicks because it was seen, not because it is good, and clicks over exposure (CO
 that, where clicks over raw impressions would teach the model the old policy's order."""
 
 USER_TOPIC_MEASURES = ("clicks", "exposure", "hides")
-"""Per (user, topic) counters over the long window, packed as one column per topic in user rows."""
+"""Per (user, topic) counters, over the long and the recent taste window, packed as one column per
+topic in user rows: `user_topic_<measure>_<t>` (long) and `user_topic_recent_<measure>_<t>`."""
+
+TASTE_SPANS = ("", "recent_")
+"""Name infixes of the two taste windows: long (no infix) and recent."""
 
 ITEM_SLOW = ("item_exposure_long", "item_clicks_long", "item_likes_long", "item_hides_long")
 ITEM_STATIC = ("creator_id", "topic_id", "published_at")
@@ -54,6 +58,7 @@ ITEM_STATIC = ("creator_id", "topic_id", "published_at")
 class FeatureSpec:
     windows_ms: tuple[int, ...]
     long_window_ms: int
+    recent_taste_window_ms: int
     n_topics: int
     prior_ctr: float
     prior_strength: float
@@ -68,6 +73,7 @@ class FeatureSpec:
         return cls(
             windows_ms=tuple(duration_ms(w) for w in f.windows),
             long_window_ms=duration_ms(f.long_window),
+            recent_taste_window_ms=duration_ms(f.recent_taste_window),
             n_topics=config.world.n_topics,
             prior_ctr=f.prior_ctr,
             prior_strength=f.prior_strength,
@@ -90,7 +96,12 @@ class FeatureSpec:
     def user_fields(self) -> tuple[str, ...]:
         """Layout of a packed user row in the online store."""
         windowed = [self.counter("user", m, w) for w in self.windows_ms for m in ENTITY_MEASURES["user"]]
-        topics = [f"user_topic_{m}_{t}" for m in USER_TOPIC_MEASURES for t in range(self.n_topics)]
+        topics = [
+            f"user_topic_{span}{m}_{t}"
+            for span in TASTE_SPANS
+            for m in USER_TOPIC_MEASURES
+            for t in range(self.n_topics)
+        ]
         return (*windowed, "user_clicks_long", "user_exposure_long", *topics)
 
     @cached_property
@@ -119,6 +130,9 @@ class FeatureSpec:
             "user_topic_ctr",
             "user_topic_lift",
             "user_topic_hide_rate",
+            "user_topic_recent_ctr",
+            "user_topic_recent_lift",
+            "user_topic_recent_hide_rate",
         ]
         return tuple(names)
 
@@ -128,6 +142,7 @@ class FeatureSpec:
             "formula": FORMULA_VERSION,
             "windows_ms": self.windows_ms,
             "long_window_ms": self.long_window_ms,
+            "recent_taste_window_ms": self.recent_taste_window_ms,
             "n_topics": self.n_topics,
             "priors": [self.prior_ctr, self.prior_strength, self.prior_like_rate, self.prior_hide_rate],
             "affinity_strength": self.affinity_strength,
@@ -179,8 +194,8 @@ class FeatureSpec:
         """Raw counters (one array per name, aligned by example) -> float32 matrix in `dense_names` order.
 
         Required raw names: position, age_ms, every windowed user/item/creator counter, the item
-        slow counters, user_clicks_long, user_exposure_long, and user_topic_clicks,
-        user_topic_exposure and user_topic_hides (the user's history on *this item's* topic).
+        slow counters, user_clicks_long, user_exposure_long, and user_topic_{,recent_}{clicks,
+        exposure,hides} (the user's history on *this item's* topic, long and recent).
         """
         columns: list[np.ndarray] = [
             np.asarray(raw["position"], dtype=np.float64),
@@ -210,8 +225,15 @@ class FeatureSpec:
         columns += [topic_ctr, np.log(topic_ctr / user_ctr)]
         # Negative taste: users hide what they dislike, so hides per exposure on this topic say
         # which topics a user avoids, where clicks alone are too few to tell "disliked" from "unseen".
+        hide_rate = (raw["user_topic_hides"] + m * self.prior_hide_rate) / (raw["user_topic_exposure"] + m)
+        columns.append(hide_rate)
+        # Recent taste, shrunk towards the long view: is the user into this topic *lately*?
+        recent_ctr = (raw["user_topic_recent_clicks"] + s * topic_ctr) / (
+            raw["user_topic_recent_exposure"] + s
+        )
+        columns += [recent_ctr, np.log(recent_ctr / user_ctr)]
         columns.append(
-            (raw["user_topic_hides"] + m * self.prior_hide_rate) / (raw["user_topic_exposure"] + m)
+            (raw["user_topic_recent_hides"] + m * hide_rate) / (raw["user_topic_recent_exposure"] + m)
         )
         matrix = np.empty((np.shape(raw["position"])[0], len(columns)), dtype=np.float32, order="F")
         for j, column in enumerate(columns):
@@ -224,7 +246,7 @@ class FeatureSpec:
         for name in self.dense_names:
             if name.endswith("_rate") or name == "user_topic_affinity":
                 bounds[name] = (0.0, 1.0)
-            elif name == "user_topic_lift":
+            elif name in ("user_topic_lift", "user_topic_recent_lift"):
                 bounds[name] = (-float("inf"), float("inf"))
             else:  # counts, ages, positions and clicks over exposure (which may exceed 1)
                 bounds[name] = (0.0, float("inf"))
@@ -247,9 +269,10 @@ def raw_from_rows(
     for j, name in enumerate(spec.item_fields):
         raw[name] = item_rows[:, j]
     topics = np.clip(raw["topic_id"].astype(np.int64), 0, spec.n_topics - 1)
-    for measure in USER_TOPIC_MEASURES:
-        first = spec.user_fields.index(f"user_topic_{measure}_0")
-        raw[f"user_topic_{measure}"] = user_row[first + topics]
+    for span in TASTE_SPANS:
+        for measure in USER_TOPIC_MEASURES:
+            first = spec.user_fields.index(f"user_topic_{span}{measure}_0")
+            raw[f"user_topic_{span}{measure}"] = user_row[first + topics]
     raw["age_ms"] = now_ms - raw["published_at"]
     raw["position"] = positions
     return raw

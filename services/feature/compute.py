@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shared.features import ENTITY_MEASURES, ITEM_SLOW, FeatureSpec
+from shared.features import ENTITY_MEASURES, ITEM_SLOW, TASTE_SPANS, USER_TOPIC_MEASURES, FeatureSpec
 from shared.schemas import EventType
 
 _INT63 = 2**62
@@ -176,14 +176,19 @@ class Counters:
     ) -> np.ndarray:
         return self._counters[(entity, measure)].count(keys, ts, window_ms)
 
-    def user_topic(self, measure: str, users: np.ndarray, topics: np.ndarray, ts: np.ndarray) -> np.ndarray:
-        """A user's clicks or exposure on one topic (per row) over the long window."""
+    def user_topic(
+        self, measure: str, users: np.ndarray, topics: np.ndarray, ts: np.ndarray, window_ms: int
+    ) -> np.ndarray:
+        """A user's clicks, exposure or hides on one topic (per row) over a window."""
         valid = topics >= 0
         out = np.zeros(users.size, dtype=np.float64)
         out[valid] = self._user_topic[measure].count(
-            users[valid] * self.spec.n_topics + topics[valid], ts[valid], self.spec.long_window_ms
+            users[valid] * self.spec.n_topics + topics[valid], ts[valid], window_ms
         )
         return out
+
+    def taste_window(self, span: str) -> int:
+        return self.spec.recent_taste_window_ms if span == "recent_" else self.spec.long_window_ms
 
     # ------------------------------------------------------------------ offline: one query per example
 
@@ -223,9 +228,11 @@ class Counters:
         raw["item_hides_long"] = counts[("item", "hides")][long]
         raw["user_clicks_long"] = counts[("user", "clicks")][long]
         raw["user_exposure_long"] = counts[("user", "exposure")][long]
-        raw["user_topic_clicks"] = self.user_topic("clicks", users, topics, ts)
-        raw["user_topic_exposure"] = self.user_topic("exposure", users, topics, ts)
-        raw["user_topic_hides"] = self.user_topic("hides", users, topics, ts)
+        for span in TASTE_SPANS:
+            for measure in USER_TOPIC_MEASURES:
+                raw[f"user_topic_{span}{measure}"] = self.user_topic(
+                    measure, users, topics, ts, self.taste_window(span)
+                )
         return raw
 
     # ------------------------------------------------------------------ online: rows as of one time
@@ -240,8 +247,13 @@ class Counters:
                 measure = name.split("_")[1]
                 columns.append(self.entity("user", measure, users, ts, spec.long_window_ms))
             elif name.startswith("user_topic_"):
-                _, _, measure, topic = name.split("_")
-                columns.append(self.user_topic(measure, users, np.full(users.size, int(topic)), ts))
+                *_, measure, topic = name.split("_")
+                span = "recent_" if name.startswith("user_topic_recent_") else ""
+                columns.append(
+                    self.user_topic(
+                        measure, users, np.full(users.size, int(topic)), ts, self.taste_window(span)
+                    )
+                )
             else:
                 _, measure, _ = name.split("_", 2)
                 window = spec.windows_ms[

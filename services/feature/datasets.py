@@ -214,10 +214,19 @@ def validate_examples(
 # --------------------------------------------------------------------------- split
 
 
-def split_by_time(table: pa.Table, window: DatasetWindow, config: DataConfig) -> dict[str, pa.Table]:
-    """Train, then validation, then test, each a later slice of time; requests never straddle."""
-    test_start = window.end_ms - duration_ms(config.dataset.test)
-    val_start = test_start - duration_ms(config.dataset.validation)
+def split_by_time(
+    table: pa.Table,
+    window: DatasetWindow,
+    config: DataConfig,
+    validation_ms: int | None = None,
+    test_ms: int | None = None,
+) -> dict[str, pa.Table]:
+    """Train, then validation, then test, each a later slice of time; requests never straddle.
+
+    The slice lengths default to dataset.validation and dataset.test; a run may set its own (a
+    retrain on a short recent window needs short slices)."""
+    test_start = window.end_ms - (test_ms or duration_ms(config.dataset.test))
+    val_start = test_start - (validation_ms or duration_ms(config.dataset.validation))
     ts = table["ts"]
     return {
         "train": table.filter(pc.less(ts, val_start)),

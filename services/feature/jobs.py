@@ -128,7 +128,8 @@ def split_dataset(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         "seed": config.seed,
     }
     try:
-        written = write_splits(directory, split_by_time(table, window, config), manifest)
+        splits = split_by_time(table, window, config, params.get("validation_ms"), params.get("test_ms"))
+        written = write_splits(directory, splits, manifest)
     except FeatureValidationError as exc:
         raise PermanentStepError(str(exc)) from exc
     _point_latest(the_lake, spec.version, window.dataset_id)

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import structlog
 
 from shared.config import ServingModelsConfig
-from shared.features import ID_COLUMNS, FeatureSpec
+from shared.features import ID_COLUMNS, TASTE_SPANS, USER_TOPIC_MEASURES, FeatureSpec
 from shared.registry import Registry, VersionInfo
 
 log = structlog.get_logger(__name__)
@@ -72,9 +72,7 @@ def check_model(model: ServedModel, spec: FeatureSpec, rows: int) -> None:
     raw.update(
         age_ms=rng.uniform(0, 86_400_000, rows),
         position=np.zeros(rows),
-        user_topic_clicks=np.zeros(rows),
-        user_topic_exposure=np.zeros(rows),
-        user_topic_hides=np.zeros(rows),
+        **{f"user_topic_{span}{m}": np.zeros(rows) for span in TASTE_SPANS for m in USER_TOPIC_MEASURES},
     )
     ids = {c: rng.integers(-1, 1000, rows).astype(np.int64) for c in ID_COLUMNS}
     scores = model.score(spec.dense_matrix(raw), ids)

@@ -52,6 +52,8 @@ def test_dense_transforms(tiny_config: DataConfig) -> None:
         user_topic_clicks=np.array([0.0, 5.0]), user_clicks_long=np.array([0.0, 5.0]),
         user_topic_exposure=np.array([0.0, 10.0]), user_exposure_long=np.array([0.0, 50.0]),
         user_topic_hides=np.array([0.0, 2.0]),
+        user_topic_recent_clicks=np.array([0.0, 1.0]), user_topic_recent_exposure=np.array([0.0, 1.0]),
+        user_topic_recent_hides=np.zeros(2),
         item_likes_long=np.zeros(2), item_clicks_long=np.zeros(2), item_hides_long=np.zeros(2), item_exposure_long=np.zeros(2),
     )  # fmt: skip
     dense = spec.dense_matrix(raw)
