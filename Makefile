@@ -12,10 +12,15 @@ TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 # Local runs keep their own Redis on this port (never the machine's shared 6379).
 LOCAL_REDIS_PORT ?= 6390
 RUN_DIR := .run
+# make loadtest: against a ranker that is already running (it starts none).
+RANKER_URL ?= http://127.0.0.1:8000
+LOADTEST_USERS ?= 50
+LOADTEST_SPAWN_RATE ?= $(LOADTEST_USERS)
+LOADTEST_DURATION ?= 30s
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup test lint format bench run redis redis-stop clean
+.PHONY: help setup test lint format bench loadtest run redis redis-stop clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -42,8 +47,17 @@ format: setup ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: setup ## benchmarks on ~1M events: ETL throughput and memory, training time and ranking quality
+bench: setup ## benchmarks on ~1M events: ETL throughput and memory, training, ranking quality, ranker latency
 	$(BIN)/python -m tests.benchmarks
+
+loadtest: setup ## Locust load on a running ranker at RANKER_URL (starts none): rps, p50/p95/p99
+	@$(BIN)/python -c "import urllib.request; urllib.request.urlopen('$(RANKER_URL)/readyz', timeout=5)" 2>/dev/null \
+	  || { echo "no ready ranker at $(RANKER_URL): start one (python -m services.ranker serve) or set RANKER_URL"; exit 1; }
+	@mkdir -p $(RUN_DIR)/loadtest
+	@set -o pipefail; $(BIN)/locust -f tests/load/locustfile.py --headless --only-summary \
+	  -u $(LOADTEST_USERS) -r $(LOADTEST_SPAWN_RATE) -t $(LOADTEST_DURATION) --host $(RANKER_URL) \
+	  --csv $(RUN_DIR)/loadtest/ranker 2>&1 | tee $(RUN_DIR)/loadtest/locust.log; rc=$$?; \
+	  grep '^LOADTEST' $(RUN_DIR)/loadtest/locust.log; exit $$rc
 
 redis: ## start a private local Redis on LOCAL_REDIS_PORT (for `make run`)
 	@mkdir -p $(RUN_DIR)
