@@ -20,7 +20,8 @@ LOADTEST_DURATION ?= 30s
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup test lint format bench loadtest run redis redis-stop clean
+.PHONY: help setup test lint format bench loadtest run redis redis-stop clean \
+        wheels stack-env images up down e2e docs prometheus-check
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -78,3 +79,41 @@ run: setup redis ## set up, then run etl and train locally (real RQ worker) and 
 
 clean: redis-stop ## remove local data, caches and the virtualenv
 	rm -rf $(RUN_DIR) data .mypy_cache .ruff_cache .pytest_cache $(VENV)
+
+# ---- The Docker Compose stack (compose.yaml). Runbook: README.md, "Running the stack".
+COMPOSE ?= docker compose
+TORCH_VERSION := 2.13.0
+
+wheels: ## copy this machine's local CPU torch wheel (pip's find-links) into wheels/ for the trainer image
+	@mkdir -p wheels
+	@links="$$($(PYTHON) -m pip config list 2>/dev/null | sed -n "s/.*find-links='\(.*\)'/\1/p") $${PIP_FIND_LINKS:-}"; \
+	 found=; for dir in $$links; do dir=$${dir#file://}; \
+	   for wheel in "$$dir"/torch-$(TORCH_VERSION)+cpu-*.whl; do \
+	     if [ -f "$$wheel" ]; then cp -u "$$wheel" wheels/; found=$$(basename "$$wheel"); fi; done; done; \
+	 if [ -n "$$found" ]; then echo "wheels/: $$found (the trainer image installs torch from it)"; \
+	 else echo "wheels/: no local torch $(TORCH_VERSION) CPU wheel; the trainer image takes torch from the CPU index"; fi
+
+stack-env: ## create .env from .env.example, or add the keys a newer .env.example introduced
+	@test -f .env || cp .env.example .env
+	@grep -E '^[A-Z_]+=' .env.example | while IFS='=' read -r key value; do \
+	   grep -q "^$$key=" .env || { echo "$$key=$$value" >> .env; echo ".env: added $$key"; }; done
+
+images: wheels ## build every image of the stack (torch only in the trainer's, and never a CUDA build)
+	GIT_SHA=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(COMPOSE) build
+
+up: stack-env images ## start the stack and wait until a champion is served (first start: etl + train)
+	$(COMPOSE) up -d --wait --wait-timeout 1800
+	@$(COMPOSE) ps --format 'table {{.Service}}\t{{.Status}}\t{{.Ports}}'
+
+down: ## stop the stack (keeps the volumes: lake, queue, MLflow; `docker compose down -v` drops them)
+	$(COMPOSE) down
+
+e2e: setup wheels ## build the images, run the whole stack (tiny profile) end to end with Docker, tear it down
+	$(BIN)/pytest -m e2e tests/e2e -v -s -p no:cacheprovider
+
+docs: setup ## regenerate docs/api.md and docs/openapi/*.json from the services' OpenAPI schemas
+	$(BIN)/python -m docs.gen_api
+
+prometheus-check: ## validate prometheus/ (config and alert rules) with promtool from the Prometheus image
+	docker run --rm -v $(CURDIR)/prometheus:/etc/prometheus:ro --entrypoint /bin/promtool \
+	  prom/prometheus:v2.55.1 check config /etc/prometheus/prometheus.yml
