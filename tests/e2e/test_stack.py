@@ -1,0 +1,349 @@
+"""End to end: the Compose stack, built and started from scratch, runs the whole loop.
+
+    make e2e        # = pytest -m e2e tests/e2e (Docker and Compose v2 needed; ~10-20 minutes)
+
+Every service but Grafana runs (CI has no Grafana image; its dashboards' queries are run against the
+live Prometheus instead), with FEEDRANK_PROFILE=tiny and non-default host ports, in the Compose
+project `feedrank-e2e`. The tests share one stack and run in file order: bootstrap -> /rank -> images
+-> Prometheus targets -> dashboard queries parse -> scale-out -> drift -> promotion -> every panel
+has data. The stack is removed with its volumes at the end (FEEDRANK_E2E_KEEP=1 keeps it; its logs
+go to .run/e2e/logs when a test failed). Timings and image sizes: .run/e2e/report.json.
+
+Knobs (environment): FEEDRANK_E2E_SKIP_BUILD=1, FEEDRANK_E2E_PROMOTION_TIMEOUT_S (default 1080),
+FEEDRANK_E2E_PORT_OFFSET (host ports are 20000 + the usual port + offset).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+from tests.e2e.dashboards import PROMETHEUS, panel_queries, rules_file_of_every_query
+from tests.support import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+PROJECT = "feedrank-e2e"
+PROMETHEUS_IMAGE = "prom/prometheus:v2.55.1"
+OUT = REPO_ROOT / ".run" / "e2e"
+OFFSET = int(os.environ.get("FEEDRANK_E2E_PORT_OFFSET", "0"))
+PORTS = {
+    name: 20000 + port + OFFSET
+    for name, port in {
+        "RANKER_PORT": 8000,
+        "INGEST_PORT": 8001,
+        "MONITOR_PORT": 8002,
+        "MLFLOW_PORT": 5000,
+        "PROMETHEUS_PORT": 9090,
+        "GRAFANA_PORT": 3000,
+        "RQ_DASHBOARD_PORT": 9181,
+        "GATEWAY_STATS_PORT": 8404,
+    }.items()
+}
+NO_TORCH_SERVICES = ("ranker", "ingest", "feature-worker", "monitor-worker", "traffic")
+IMAGES = ("feature", "trainer", "ingest", "ranker", "monitor", "traffic", "gateway", "rq-tools")
+SCRAPE_JOBS = {
+    "prometheus",
+    "ranker",
+    "gateway",
+    "ingest",
+    "monitor",
+    "feature-worker",
+    "trainer-worker",
+    "monitor-worker",
+    "rq",
+}
+PROMOTION_TIMEOUT_S = float(os.environ.get("FEEDRANK_E2E_PROMOTION_TIMEOUT_S", "1080"))
+
+T = TypeVar("T")
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    report: dict[str, Any] = field(default_factory=dict)
+    failed: bool = False
+
+    def url(self, port_name: str) -> str:
+        return f"http://127.0.0.1:{PORTS[port_name]}"
+
+    def compose(
+        self, *args: str, check: bool = True, timeout: float = 600, log: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        command = ["docker", "compose", "-p", PROJECT, *args]
+        if log is not None:
+            with log.open("w") as out:
+                result = subprocess.run(
+                    command, cwd=REPO_ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                    text=True, timeout=timeout, check=False,
+                )  # fmt: skip
+            output = log.read_text()[-4000:]
+            result = subprocess.CompletedProcess(command, result.returncode, output, "")
+        else:
+            result = subprocess.run(
+                command, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True,
+                timeout=timeout, check=False,
+            )  # fmt: skip
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+            )
+        return result
+
+    def exec(self, service: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.compose("exec", "-T", service, *args, check=check, timeout=120)
+
+    def timed(self, name: str, started: float) -> float:
+        seconds = round(time.monotonic() - started, 1)
+        self.report.setdefault("seconds", {})[name] = seconds
+        print(f"e2e: {name}: {seconds} s", flush=True)
+        return seconds
+
+    def registry(self) -> list[dict[str, Any]]:
+        out = self.exec("trainer-worker", "python", "-m", "services.trainer", "registry", "list", "--json")
+        versions: list[dict[str, Any]] = json.loads(out.stdout[out.stdout.index("[") :])
+        return versions
+
+    def champion(self) -> int | None:
+        return next((int(v["version"]) for v in self.registry() if "champion" in v["aliases"]), None)
+
+    def prometheus(self, query: str) -> list[dict[str, Any]]:
+        body = httpx.get(f"{self.url('PROMETHEUS_PORT')}/api/v1/query", params={"query": query}, timeout=10)
+        payload = body.json()
+        assert payload["status"] == "success", f"{query}: {payload}"
+        result: list[dict[str, Any]] = payload["data"]["result"]
+        return result
+
+    def audit(self, limit: int = 30) -> list[dict[str, Any]]:
+        out = self.exec("monitor", "python", "-m", "services.monitor", "audit", "--limit", str(limit))
+        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def eventually(check: Callable[[], T | None], timeout_s: float, every_s: float = 2.0, what: str = "") -> T:
+    """Call `check` until it returns something truthy (returned) or the time is up (AssertionError)."""
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except (httpx.HTTPError, AssertionError, ValueError, KeyError) as exc:
+            last_error = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}: {last_error!r}")
+        time.sleep(every_s)
+
+
+def stack_env() -> dict[str, str]:
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        **os.environ,
+        **{k: str(v) for k, v in PORTS.items()},
+        "FEEDRANK_PROFILE": "tiny",
+        "FEEDRANK_LOG_LEVEL": "INFO",
+        "QUEUE_REDIS_PASSWORD": "e2e-queue-secret",
+        "STORE_REDIS_PASSWORD": "e2e-store-secret",
+        "FEEDRANK_ADMIN_TOKEN": "e2e-admin-token",
+        "GRAFANA_ADMIN_PASSWORD": "e2e-grafana",
+        "RANKER_REPLICAS": "1",
+        "GIT_SHA": sha or "unknown",
+        "COMPOSE_PROGRESS": "plain",
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    if subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode != 0:
+        pytest.fail(
+            'the e2e test needs Docker with Compose v2 (CI: eval "$(../shared/ci/docker-env.sh ...)")'
+        )
+    OUT.mkdir(parents=True, exist_ok=True)
+    stack = Stack(stack_env())
+    stack.compose("down", "-v", "--remove-orphans", check=False, timeout=180)
+    started = time.monotonic()
+    if os.environ.get("FEEDRANK_E2E_SKIP_BUILD") != "1":
+        stack.compose("build", log=OUT / "build.log", timeout=3600)
+        stack.timed("build_images", started)
+    services = [s for s in stack.compose("config", "--services").stdout.split() if s != "grafana"]
+    started = time.monotonic()
+    # --wait returns once every service is healthy and the one-shot bootstrap (etl + train) has
+    # exited 0; the ranker is healthy only when it serves a model.
+    stack.compose("up", "-d", "--wait", "--wait-timeout", "1200", *services, log=OUT / "up.log", timeout=1500)
+    stack.timed("up_until_champion_served", started)
+    try:
+        yield stack
+    finally:
+        stack.failed = request.session.testsfailed > 0
+        if stack.failed:
+            logs = OUT / "logs"
+            logs.mkdir(exist_ok=True)
+            for service in services:
+                out = stack.compose("logs", "--no-color", "--tail", "400", service, check=False)
+                (logs / f"{service}.log").write_text(out.stdout + out.stderr)
+        (OUT / "report.json").write_text(json.dumps(stack.report, indent=2, default=str))
+        print(f"e2e report: {json.dumps(stack.report, default=str)}", flush=True)
+        if os.environ.get("FEEDRANK_E2E_KEEP") != "1":
+            stack.compose("down", "-v", "--remove-orphans", check=False, timeout=300)
+
+
+def test_bootstrap_registered_a_champion_that_the_ranker_serves(stack: Stack) -> None:
+    bootstrap = stack.compose("logs", "--no-color", "bootstrap").stdout
+    assert "register" in bootstrap, bootstrap[-2000:]
+    champion = stack.champion()
+    assert champion is not None
+    response = httpx.post(f"{stack.url('RANKER_PORT')}/rank", json={"user_id": 17, "k": 5}, timeout=10)
+    assert response.status_code == 200, response.text
+    feed = response.json()
+    assert feed["variant"] == "champion"
+    assert feed["degraded"] is False
+    assert feed["model_version"] == champion
+    assert len(feed["items"]) == 5
+    assert [i["position"] for i in feed["items"]] == list(range(5))
+    invalid = httpx.post(f"{stack.url('RANKER_PORT')}/rank", json={"user_id": -1}, timeout=10)
+    assert invalid.status_code == 422
+    for port in ("INGEST_PORT", "MONITOR_PORT"):
+        assert httpx.get(f"{stack.url(port)}/readyz", timeout=10).status_code == 200
+    assert httpx.get(f"{stack.url('MLFLOW_PORT')}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{stack.url('RQ_DASHBOARD_PORT')}/", timeout=10).status_code == 200
+
+
+def test_only_the_trainer_image_has_torch(stack: Stack) -> None:
+    for service in NO_TORCH_SERVICES:
+        shown = stack.exec(service, "pip", "show", "torch", check=False)
+        assert shown.returncode != 0, f"{service} has torch installed"
+        user = stack.exec(service, "id", "-u").stdout.strip()
+        assert user != "0", f"{service} runs as root"
+    cuda = stack.exec(
+        "trainer-worker", "python", "-c", "import torch; print(torch.__version__, torch.version.cuda)"
+    )
+    assert cuda.stdout.split()[1] == "None", cuda.stdout
+    tag = stack.env.get("FEEDRANK_IMAGE_TAG", "dev")
+    sizes = {}
+    for image in IMAGES:
+        inspected = subprocess.run(
+            ["docker", "image", "inspect", "-f", "{{.Size}}", f"feedrank/{image}:{tag}"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        sizes[image] = f"{int(inspected.stdout) / 1e6:.0f} MB"
+    stack.report["image_sizes"] = sizes
+
+
+def test_prometheus_scrapes_every_target(stack: Stack) -> None:
+    def all_up() -> dict[str, str] | None:
+        body = httpx.get(f"{stack.url('PROMETHEUS_PORT')}/api/v1/targets", timeout=10).json()
+        targets = body["data"]["activeTargets"]
+        health = {f"{t['labels']['job']} {t['labels']['instance']}": t["health"] for t in targets}
+        jobs = {t["labels"]["job"] for t in targets}
+        assert jobs >= SCRAPE_JOBS, f"missing jobs: {SCRAPE_JOBS - jobs}"
+        down = {k: v for k, v in health.items() if v != "up"}
+        assert not down, f"targets not up: {down}"
+        return health
+
+    health = eventually(all_up, 90, every_s=3, what="every Prometheus target up")
+    stack.report["scrape_targets"] = sorted(health)
+
+
+def test_prometheus_files_and_dashboard_queries_pass_promtool(stack: Stack) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "queries.yml").write_text(rules_file_of_every_query())
+        Path(tmp).chmod(0o755)
+        (Path(tmp) / "queries.yml").chmod(0o644)
+        for args in (
+            ["-v", f"{PROMETHEUS}:/etc/prometheus:ro", "check", "config", "/etc/prometheus/prometheus.yml"],
+            ["-v", f"{tmp}:/q:ro", "check", "rules", "/q/queries.yml"],
+        ):
+            mount, rest = args[:2], args[2:]
+            result = subprocess.run(
+                ["docker", "run", "--rm", *mount, "--entrypoint", "/bin/promtool", PROMETHEUS_IMAGE, *rest],
+                capture_output=True, text=True, check=False, timeout=120,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ranker_scales_out_behind_the_gateway(stack: Stack) -> None:
+    stats = f"{stack.url('GATEWAY_STATS_PORT')}/metrics"
+
+    def active_servers() -> float:
+        for line in httpx.get(stats, timeout=10).text.splitlines():
+            if line.startswith('haproxy_backend_active_servers{proxy="rankers"}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    started = time.monotonic()
+    stack.compose("up", "-d", "--wait", "--no-deps", "--scale", "ranker=2", "ranker", timeout=600)
+    eventually(lambda: active_servers() == 2, 60, what="2 ready rankers behind the gateway")
+    stack.timed("scale_ranker_to_2", started)
+    for user in range(40):
+        response = httpx.post(f"{stack.url('RANKER_PORT')}/rank", json={"user_id": user, "k": 3}, timeout=10)
+        assert response.status_code == 200
+    served = {}
+    for line in httpx.get(stats, timeout=10).text.splitlines():
+        if line.startswith('haproxy_server_http_responses_total{proxy="rankers"') and 'code="2xx"' in line:
+            served[line.split('server="')[1].split('"')[0]] = float(line.split()[-1])
+    assert sum(1 for n in served.values() if n > 0) == 2, f"responses per ranker replica: {served}"
+    stack.compose("up", "-d", "--wait", "--no-deps", "--scale", "ranker=1", "ranker", timeout=600)
+    eventually(lambda: active_servers() == 1, 60, what="back to 1 ranker")
+
+
+def test_injected_drift_leads_to_a_promotion(stack: Stack) -> None:
+    before = stack.champion()
+    assert before is not None
+    started = time.monotonic()
+    injected = stack.exec("traffic", "python", "-m", "services.traffic", "inject-drift", "taste_shift")
+    print(f"e2e: {injected.stdout.strip()}", flush=True)
+
+    def promoted() -> int | None:
+        current = stack.champion()
+        return current if current is not None and current != before else None
+
+    try:
+        after = eventually(promoted, PROMOTION_TIMEOUT_S, every_s=15, what=f"a champion other than v{before}")
+    finally:
+        entries = stack.audit(50)
+        stack.report["audit"] = [f"{e.get('at')} {e.get('kind')}" for e in reversed(entries)]
+        stack.report["registry"] = [(v["version"], v["aliases"]) for v in stack.registry()]
+    stack.timed("drift_to_promotion", started)
+    kinds = {e["kind"] for e in entries}
+    assert "promoted" in kinds, entries
+    # the ranker follows the registry: the new champion is served
+    eventually(
+        lambda: (
+            httpx.get(f"{stack.url('RANKER_PORT')}/readyz", timeout=5).json()["models"].get("champion")
+            == after
+        ),
+        60,
+        what=f"the ranker serving v{after}",
+    )
+    feed = httpx.post(f"{stack.url('RANKER_PORT')}/rank", json={"user_id": 3, "k": 5}, timeout=10).json()
+    assert feed["model_version"] in (after, None) or feed["variant"] != "champion"
+
+
+def test_every_dashboard_panel_has_data(stack: Stack) -> None:
+    queries = panel_queries()
+
+    def empty() -> list[str]:
+        return [q.name for q in queries if not stack.prometheus(q.expr)]
+
+    started = time.monotonic()
+    missing: list[str] = []
+    deadline = started + 120
+    while True:
+        missing = empty()
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(10)
+    stack.report["panel_queries"] = {"total": len(queries), "without_data": missing}
+    assert not missing, f"{len(missing)} of {len(queries)} panel queries return no data: {missing}"
