@@ -124,6 +124,18 @@ class Stack:
         result: list[dict[str, Any]] = payload["data"]["result"]
         return result
 
+    def failing_monitor_runs(self, last: int = 4) -> list[str]:
+        """Errors of the last `last` monitoring runs when every one of them failed, else []."""
+        out = self.exec(
+            "feature-worker", "python", "-m", "services.feature", "pipeline", "runs",
+            "--name", "monitor", "--limit", str(2 * last), "--json",
+        )  # fmt: skip
+        runs = json.loads(out.stdout[out.stdout.index("[") :])
+        runs = [r for r in runs if r["status"] in ("finished", "failed")][:last]
+        if len(runs) < last or any(r["status"] != "failed" for r in runs):
+            return []
+        return [f"{r['run_id']}: {[s['error'] for s in r['steps'] if s.get('error')]}" for r in runs]
+
     def audit(self, limit: int = 30) -> list[dict[str, Any]]:
         out = self.exec("monitor", "python", "-m", "services.monitor", "audit", "--limit", str(limit))
         return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -306,6 +318,9 @@ def test_injected_drift_leads_to_a_promotion(stack: Stack) -> None:
     print(f"e2e: {injected.stdout.strip()}", flush=True)
 
     def promoted() -> int | None:
+        failing = stack.failing_monitor_runs()
+        if failing:
+            pytest.fail(f"the last monitoring runs all failed, no promotion can come: {failing}")
         current = stack.champion()
         return current if current is not None and current != before else None
 
