@@ -10,7 +10,9 @@ has data. The stack is removed with its volumes at the end (FEEDRANK_E2E_KEEP=1 
 go to .run/e2e/logs when a test failed). Timings and image sizes: .run/e2e/report.json.
 
 Knobs (environment): FEEDRANK_E2E_SKIP_BUILD=1, FEEDRANK_E2E_PROMOTION_TIMEOUT_S (default 1080),
-FEEDRANK_E2E_PORT_OFFSET (host ports are 20000 + the usual port + offset).
+FEEDRANK_E2E_PORT_OFFSET (host ports are 20000 + the usual port + offset), FEEDRANK_E2E_PROJECT
+(default feedrank-e2e), FEEDRANK_E2E_LOOP=0 (skip
+the drift -> promotion test; the A/B panels, which need a challenger, may then be empty).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tests.support import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 
-PROJECT = "feedrank-e2e"
+PROJECT = os.environ.get("FEEDRANK_E2E_PROJECT", "feedrank-e2e")
 PROMETHEUS_IMAGE = "prom/prometheus:v2.55.1"
 OUT = REPO_ROOT / ".run" / "e2e"
 OFFSET = int(os.environ.get("FEEDRANK_E2E_PORT_OFFSET", "0"))
@@ -64,6 +66,9 @@ SCRAPE_JOBS = {
     "rq",
 }
 PROMOTION_TIMEOUT_S = float(os.environ.get("FEEDRANK_E2E_PROMOTION_TIMEOUT_S", "1080"))
+CHECK_LOOP = os.environ.get("FEEDRANK_E2E_LOOP", "1") != "0"
+NEED_A_CHALLENGER = ("feedrank_monitor_ab_",)
+"""Panels whose metrics exist only once a challenger has been A/B tested."""
 
 T = TypeVar("T")
 
@@ -311,6 +316,8 @@ def test_ranker_scales_out_behind_the_gateway(stack: Stack) -> None:
 
 
 def test_injected_drift_leads_to_a_promotion(stack: Stack) -> None:
+    if not CHECK_LOOP:
+        pytest.skip("FEEDRANK_E2E_LOOP=0: the drift -> retrain -> A/B -> promotion loop is not checked")
     before = stack.champion()
     assert before is not None
     started = time.monotonic()
@@ -347,7 +354,7 @@ def test_injected_drift_leads_to_a_promotion(stack: Stack) -> None:
 
 
 def test_every_dashboard_panel_has_data(stack: Stack) -> None:
-    queries = panel_queries()
+    queries = [q for q in panel_queries() if CHECK_LOOP or not any(m in q.expr for m in NEED_A_CHALLENGER)]
 
     def empty() -> list[str]:
         return [q.name for q in queries if not stack.prometheus(q.expr)]
