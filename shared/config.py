@@ -157,6 +157,13 @@ class CtrShiftDrift(StrictModel):
     delta_logit: float = 0.0
 
 
+class FreshnessShiftDrift(StrictModel):
+    """Users start to care much more about how new an item is (a news event, a product change)."""
+
+    starts_after: Duration | None = None
+    age_weight_delta: float = 0.0
+
+
 class DriftConfig(StrictModel):
     """Each knob is off until `starts_after` (a duration after world.start) is set."""
 
@@ -164,6 +171,7 @@ class DriftConfig(StrictModel):
     new_item_cohort: NewItemCohortDrift = NewItemCohortDrift()
     topic_popularity: TopicPopularityDrift = TopicPopularityDrift()
     ctr_shift: CtrShiftDrift = CtrShiftDrift()
+    freshness_shift: FreshnessShiftDrift = FreshnessShiftDrift()
 
 
 class BackfillConfig(StrictModel):
@@ -471,8 +479,12 @@ class ImpressionLogConfig(StrictModel):
 
 
 class TrafficSimConfig(StrictModel):
-    rate: float = Field(gt=0, description="feed requests per second")
-    k: int = Field(gt=0)
+    rate: float | None = Field(
+        gt=0,
+        description="feed requests per second (wall); null: the world's own session rate at the clock's "
+        "speed-up, so that live traffic continues the simulated history instead of flooding it",
+    )
+    k: int | None = Field(gt=0, description="feed length; null: the world's feed_size, as in the history")
     concurrency: int = Field(gt=0)
     catalog_every: Duration
     events_batch: int = Field(gt=0)
@@ -511,6 +523,10 @@ class MonitorWindows(StrictModel):
     label_delay: Duration
     min_impressions: int = Field(gt=0)
     reference_rows: int = Field(gt=0)
+    baseline_warmup: Duration = Field(
+        description="a version's reference is its first serving window after this much serving: windowed "
+        "features reflect its own ranking policy only once their longest window has filled"
+    )
 
 
 class FeatureThresholds(StrictModel):
@@ -539,6 +555,7 @@ class DriftDetectionConfig(StrictModel):
 class QualityConfig(StrictModel):
     min_impressions: int = Field(gt=0)
     ctr_ratio_drop_alert: Probability
+    alpha: Probability = Field(description="the drop must also be significant (one-sided Poisson z-test)")
     recovery_tolerance: Probability
 
 

@@ -25,6 +25,9 @@ AUDIT = f"{PREFIX}:monitor:audit"
 MONITOR_LATEST = f"{PREFIX}:monitor:latest"
 """JSON of the latest monitoring report (what the monitor's /metrics exports)."""
 
+MONITOR_FIRST_SERVED = f"{PREFIX}:monitor:first-served:{{version}}"
+"""Sim ms at which a model version was first seen serving (its reference waits for the warm-up)."""
+
 MONITOR_AB = f"{PREFIX}:monitor:ab"
 """JSON of the latest A/B test figures and decision."""
 

@@ -225,7 +225,7 @@ def split_by_time(
 
     The slice lengths default to dataset.validation and dataset.test; a run may set its own (a
     retrain on a short recent window needs short slices)."""
-    test_start = window.end_ms - (test_ms or duration_ms(config.dataset.test))
+    test_start = window.examples_end_ms - (test_ms or duration_ms(config.dataset.test))  # labelled rows only
     val_start = test_start - (validation_ms or duration_ms(config.dataset.validation))
     ts = table["ts"]
     return {

@@ -61,7 +61,7 @@ class LatestReportCollector(Collector):
                 ("auc", "Online AUC of served scores vs clicks."),
                 ("ece_top_slot", "Calibration error of the top slot."),
                 ("oracle_auc", "AUC of the oracle on the same impressions."),
-                ("ctr_ratio", "Clicks / clicks the oracle's order of the same items would expect."),
+                ("ctr_ratio", "Clicks / clicks of the oracle's own feeds (best of the live catalog)."),
                 ("impressions", "Impressions judged in the window."),
             )
         }

@@ -4,10 +4,12 @@ The serving window (impressions of the recent past, with point-in-time features 
 labels, built by the feature service) is joined with the ranker's impression log to learn which
 variant and model version served each slot and with which score.
 
-Reference: every model version is compared with *its own first window of serving* (its baseline),
-not with its training data. A closed loop changes its own data: the ranker shows other items than
-the policy that produced the training set, which moves item and user features although the world
-did not move at all. Against its own serving baseline, only the world's changes remain.
+Reference: every model version is compared with *its own first window of serving* that starts
+once it has served for `windows.baseline_warmup` (its baseline), not with its training data. A
+closed loop changes its own data: the ranker shows other items than the policy that produced the
+training set, which moves item and user features although the world did not move at all, until
+the longest feature window is filled with the new policy's traffic. Against its own settled
+serving baseline, only the world's changes remain.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from services.monitor.stats import categorical_psi, ks_drift, psi
+from services.monitor.stats import categorical_psi, distinct_count, ks_drift, psi
 from shared.config import MonitoringConfig
 from shared.evaluation import auc, reliability
 from shared.world import World
 
 NOT_ENOUGH = "insufficient_data"
+WARMING_UP = "warming_up"
+"""The champion serves, but not yet long enough for its reference window (no drift judged yet)."""
 
 
 @dataclass
@@ -47,20 +51,23 @@ class QualityFigures:
     ece_top_slot: float
     oracle_auc: float
     oracle_expected_clicks: float
-    ctr_ratio: float  # clicks / clicks the oracle's order of the same served items would expect
+    ctr_ratio: float  # clicks / clicks the oracle's own feeds (best of the live catalog) would expect
 
 
 @dataclass
 class Assessment:
     run_id: str
     window: dict[str, Any]
-    status: str  # ok | insufficient_data | baseline_established
+    status: str  # ok | insufficient_data | warming_up | baseline_established
     impressions: int
     champion_version: int | None
     features: list[FeatureDrift] = field(default_factory=list)
     prediction_psi: dict[str, float] = field(default_factory=dict)  # "variant/version" -> PSI
+    prediction_significant: dict[str, bool] = field(default_factory=dict)  # KS at the items' count
     quality: list[QualityFigures] = field(default_factory=list)
     baseline_ctr_ratio: float | None = None
+    baseline_clicks: int = 0  # behind the ratio: its uncertainty matters as much as the window's
+    baseline_expected_clicks: float = 0.0
     alerts: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -77,6 +84,9 @@ def join_served(examples: pa.Table, served: pa.Table) -> pa.Table:
             .append_column("model_version", pa.array([], pa.int64()))
         )
     served = served.select(["request_id", "position", "score", "variant", "model_version"])
+    # the examples carry position as a dense (float) feature; the log as the slot index
+    position_type = examples.schema.field("position").type
+    served = served.set_column(1, "position", pc.cast(served["position"], position_type))
     return examples.join(served, keys=["request_id", "position"], join_type="inner")
 
 
@@ -85,6 +95,14 @@ def sample(table: pa.Table, rows: int, seed: int = 0) -> pa.Table:
         return table
     take = np.sort(np.random.default_rng(seed).choice(table.num_rows, rows, replace=False))
     return table.take(pa.array(take))
+
+
+def entity_column(feature: str) -> str:
+    """Whose property a feature is: its sample has one independent observation per such entity."""
+    for prefix, column in (("user_", "user_id"), ("creator_", "creator_id")):
+        if feature.startswith(prefix):
+            return column
+    return "item_id"  # item_*, item_age_log and the rest describe the item shown
 
 
 def feature_drift(
@@ -98,10 +116,19 @@ def feature_drift(
         ref = reference[name].to_numpy().astype(np.float64)
         cur = current[name].to_numpy().astype(np.float64)
         value = psi(ref, cur, cfg.psi_bins)
-        ks = ks_drift(ref, cur, cfg.ks_alpha, cfg.ks_min_effect)
+        entity = entity_column(name)
+        ks = ks_drift(
+            ref,
+            cur,
+            cfg.ks_alpha,
+            cfg.ks_min_effect,
+            (distinct_count(reference[entity].to_numpy()), distinct_count(current[entity].to_numpy())),
+        )
         limits = cfg.thresholds(name)
         level = "ok"
-        if value >= limits.psi_alert or (ks.drifted and value >= limits.psi_warning):
+        # PSI alone is noisy when a few dozen items fill a window: an alert also needs the KS
+        # test, at the sample's real size (its distinct entities), to find a non-trivial change
+        if value >= limits.psi_alert and ks.drifted:
             level = "alert"
         elif value >= limits.psi_warning or ks.drifted:
             level = "warning"
@@ -150,12 +177,29 @@ def quality(joined: pa.Table, world: World, config: MonitoringConfig, bins: int 
 
 
 def oracle_expected_clicks(part: pa.Table, world: World) -> float:
-    """Expected clicks had the oracle ordered each served feed's own items (same slots, best order)."""
+    """Expected clicks had the oracle built each served feed: the same user, time and number of
+    slots, the best items of the whole live catalog in the best order.
+
+    Against this, a model's clicks measure what it chose as well as how it ordered it: a model
+    that keeps showing topics which went out of fashion loses here, even when it orders its own
+    picks well."""
     requests = pc.dictionary_encode(part["request_id"]).combine_chunks().indices.to_numpy()
-    users, items, ts = part["user_id"].to_numpy(), part["item_id"].to_numpy(), part["ts"].to_numpy()
-    relevance = world.relevance(users, items, ts)
-    order = np.lexsort((-relevance, requests))
-    sorted_requests = requests[order]
-    starts = np.flatnonzero(np.r_[True, sorted_requests[1:] != sorted_requests[:-1]])
-    rank = np.arange(order.size) - np.repeat(starts, np.diff(np.r_[starts, order.size]))
-    return float(np.sum(world.examination(rank) * relevance[order]))
+    users, ts = part["user_id"].to_numpy(), part["ts"].to_numpy()
+    slots = np.bincount(requests)
+    first = np.full(slots.size, -1)
+    first[requests[::-1]] = np.arange(requests.size)[::-1]  # a row of each request
+    max_age_ms = int(world.config.traffic.candidate_max_age.total_seconds() * 1000)
+    examination = world.examination(np.arange(int(slots.max())))
+    expected = 0.0
+    for request, row in enumerate(first):
+        at = int(ts[row])
+        catalog = world.published_items(at, max_age_ms)
+        relevance = world.relevance(np.full(catalog.size, users[row]), catalog, np.full(catalog.size, at))
+        k = int(slots[request])
+        best = (
+            np.sort(np.partition(relevance, relevance.size - k)[-k:])[::-1]
+            if relevance.size > k
+            else (np.sort(relevance)[::-1])
+        )
+        expected += float(np.sum(examination[: best.size] * best))
+    return expected

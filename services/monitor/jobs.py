@@ -14,18 +14,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import structlog
+from scipy.stats import norm
 
 from services.monitor import alerts, audit, report
 from services.monitor.assess import (
     NOT_ENOUGH,
+    WARMING_UP,
     Assessment,
+    QualityFigures,
     feature_drift,
     join_served,
     oracle_expected_clicks,
     quality,
     sample,
 )
-from services.monitor.stats import psi, two_proportion_test
+from services.monitor.stats import distinct_count, ks_drift, psi, two_proportion_test
 from shared import keys
 from shared.clock import AcceleratedClock
 from shared.config import DataConfig, ModelConfig, MonitoringConfig
@@ -81,10 +84,15 @@ def assess(params: dict[str, Any], run_id: str) -> dict[str, Any]:
 
     world = live_world(data, conn)
     result.quality = quality(model_rows, world, monitoring)
+    warmup_ms = int(monitoring.windows.baseline_warmup.total_seconds() * 1000)
     for version in sorted({q.model_version for q in result.quality}):
         rows = model_rows.filter(pc.equal(model_rows["model_version"], version))
         path = baseline_path(the_lake, version)
         if not path.exists():
+            if params["start_ms"] < first_served_ms(conn, version, rows) + warmup_ms:
+                if version == champion.version:
+                    result.status = WARMING_UP
+                continue
             write_parquet_atomic(sample(rows, monitoring.windows.reference_rows), path)
             if version == champion.version:
                 result.status = "baseline_established"
@@ -93,17 +101,43 @@ def assess(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         current = sample(rows, monitoring.windows.reference_rows)
         if version == champion.version:
             result.features = feature_drift(baseline, current, spec.dense_names, monitoring)
-            result.baseline_ctr_ratio = _ctr_ratio(baseline, world)
+            result.baseline_clicks = int(pc.sum(baseline["label"]).as_py())
+            result.baseline_expected_clicks = oracle_expected_clicks(baseline, world)
+            result.baseline_ctr_ratio = result.baseline_clicks / max(result.baseline_expected_clicks, 1e-9)
         key = f"{rows['variant'][0].as_py()}/{version}"
-        result.prediction_psi[key] = psi(
-            baseline["score"].to_numpy(), current["score"].to_numpy(), monitoring.drift.psi_bins
+        before, now = baseline["score"].to_numpy(), current["score"].to_numpy()
+        result.prediction_psi[key] = psi(before, now, monitoring.drift.psi_bins)
+        sizes = (
+            distinct_count(baseline["item_id"].to_numpy()),
+            distinct_count(current["item_id"].to_numpy()),
         )
+        result.prediction_significant[key] = ks_drift(
+            before, now, monitoring.drift.ks_alpha, monitoring.drift.ks_min_effect, sizes
+        ).drifted
     result.alerts = _alerts(result, monitoring, window)
     return _finish(conn, the_lake, result, settings, monitoring)
 
 
-def _ctr_ratio(table: pa.Table, world: Any) -> float:
-    return float(pc.sum(table["label"]).as_py()) / max(oracle_expected_clicks(table, world), 1e-9)
+def first_served_ms(conn: Any, version: int, rows: pa.Table) -> int:
+    """Sim time a version was first seen serving (kept in Redis: windows slide past it)."""
+    seen = int(pc.min(rows["ts"]).as_py())
+    conn.set(keys.MONITOR_FIRST_SERVED.format(version=version), seen, nx=True)
+    return int(conn.get(keys.MONITOR_FIRST_SERVED.format(version=version)) or seen)
+
+
+def click_shortfall_p(figures: QualityFigures, baseline_clicks: int, baseline_expected: float) -> float:
+    """One-sided p-value that the window's ratio (clicks per oracle-expected click) is lower than
+    the baseline's, both counted as Poisson (normal approximation): a small window's dip, or a
+    lucky baseline, is noise, not a degraded model."""
+    if figures.oracle_expected_clicks <= 0 or baseline_expected <= 0:
+        return 1.0
+    now = figures.clicks / figures.oracle_expected_clicks
+    before = baseline_clicks / baseline_expected
+    variance = (
+        max(figures.clicks, 1) / figures.oracle_expected_clicks**2
+        + max(baseline_clicks, 1) / baseline_expected**2
+    )
+    return float(norm.cdf((now - before) / np.sqrt(variance)))
 
 
 def _alerts(result: Assessment, monitoring: MonitoringConfig, window: dict[str, Any]) -> list[dict[str, Any]]:
@@ -141,7 +175,11 @@ def _alerts(result: Assessment, monitoring: MonitoringConfig, window: dict[str, 
     for key, value in result.prediction_psi.items():
         if value >= cfg.prediction_psi_warning:
             severity = (
-                "alert" if value >= cfg.prediction_psi_alert and key.startswith("champion/") else "warning"
+                "alert"
+                if value >= cfg.prediction_psi_alert
+                and key.startswith("champion/")
+                and result.prediction_significant.get(key, False)
+                else "warning"
             )
             found.append(
                 alerts.alert(severity, "prediction_drift", key, value, cfg.prediction_psi_alert, window)
@@ -149,7 +187,10 @@ def _alerts(result: Assessment, monitoring: MonitoringConfig, window: dict[str, 
     champion_quality = next((q for q in result.quality if q.model_version == result.champion_version), None)
     if champion_quality is not None and result.baseline_ctr_ratio:
         floor = result.baseline_ctr_ratio * (1 - monitoring.quality.ctr_ratio_drop_alert)
-        if champion_quality.ctr_ratio < floor:
+        if champion_quality.ctr_ratio < floor and (
+            click_shortfall_p(champion_quality, result.baseline_clicks, result.baseline_expected_clicks)
+            < monitoring.quality.alpha
+        ):
             found.append(
                 alerts.alert(
                     "alert",

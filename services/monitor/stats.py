@@ -59,15 +59,34 @@ class KsResult:
     drifted: bool
 
 
-def ks_drift(reference: np.ndarray, current: np.ndarray, alpha: float, min_effect: float) -> KsResult:
-    """Two-sample KS: drift = significant at `alpha` AND a statistic of at least `min_effect`."""
+def ks_drift(
+    reference: np.ndarray,
+    current: np.ndarray,
+    alpha: float,
+    min_effect: float,
+    effective_sizes: tuple[int, int] | None = None,
+) -> KsResult:
+    """Two-sample KS: drift = significant at `alpha` AND a statistic of at least `min_effect`.
+
+    `effective_sizes` replace the row counts in the test when rows are not independent: a feed
+    shows the same few dozen items again and again, so an item feature has as many independent
+    observations as there are distinct items, not impressions."""
     n, m = len(reference), len(current)
     if n == 0 or m == 0:
         return KsResult(float("nan"), float("nan"), float("nan"), False)
-    result = stats.ks_2samp(reference, current)
-    critical = math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n + m) / (n * m))
-    statistic = float(result.statistic)
-    return KsResult(statistic, float(result.pvalue), critical, statistic > max(critical, min_effect))
+    statistic = float(stats.ks_2samp(reference, current).statistic)
+    if effective_sizes is not None:
+        n, m = min(n, max(effective_sizes[0], 1)), min(m, max(effective_sizes[1], 1))
+    scale = math.sqrt((n + m) / (n * m))
+    critical = math.sqrt(-math.log(alpha / 2) / 2) * scale
+    p_value = min(1.0, 2 * math.exp(-2 * (statistic / scale) ** 2))  # asymptotic, at the sizes used
+    return KsResult(statistic, p_value, critical, statistic > max(critical, min_effect))
+
+
+def distinct_count(values: np.ndarray) -> int:
+    """Distinct entities (item ids, user ids): the independent observations behind a sample in
+    which each of them appears many times."""
+    return int(np.unique(values).size)
 
 
 @dataclass(frozen=True)

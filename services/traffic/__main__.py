@@ -7,6 +7,8 @@ import asyncio
 import json
 import sys
 
+from shared.config import DriftConfig
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.traffic", description=__doc__)
@@ -15,9 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--duration", type=float, default=None, help="seconds (default: until stopped)")
     run.add_argument("--rate", type=float, default=None, help="requests per second (default: config)")
     drift = sub.add_parser("inject-drift", help="start a drift knob now (or clear all with --clear)")
-    drift.add_argument(
-        "knob", nargs="?", choices=["taste_shift", "new_item_cohort", "topic_popularity", "ctr_shift"]
-    )
+    drift.add_argument("knob", nargs="?", choices=list(DriftConfig.model_fields))
     drift.add_argument("--clear", action="store_true", help="remove every injected drift")
     args = parser.parse_args(argv)
     if args.command == "inject-drift":

@@ -1,12 +1,13 @@
 """Live traffic: simulated users ask the ranker for feeds and react to what they are shown.
 
-At a fixed request rate, a user (chosen by activity and time of day) requests a feed from the
-ranker; the world's ground truth decides, for the positions actually served, what the user saw,
-clicked, liked and hid. Impressions are posted to ingest at once; engagements are held until their
-own timestamp has passed on the world clock (a click comes seconds after the impression, a like
-after the dwell), which is what makes labels arrive late, as in production. New catalog items are
-published as the world clock reaches their publish time. This is what gives every model its
-online click rate.
+At the world's own session rate (the rate its history was generated at, sped up by the clock; or
+a fixed rate given for load), a user chosen by activity requests a feed from the ranker; the
+world's ground truth decides, for the positions actually served, what the user saw, clicked, liked
+and hid. Impressions are posted to ingest at once; engagements are held until their own timestamp
+has passed on the world clock (a click comes seconds after the impression, a like after the
+dwell), which is what makes labels arrive late, as in production. New catalog items are published
+as the world clock reaches their publish time. This is what gives every model its online click
+rate.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ class TrafficSimulator:
         self._drift: dict[str, Any] = {}
         self.clock = clock
         self.config = config
+        self.k = config.k or world.config.traffic.feed_size
+        self.base_rate = config.rate or self.world_session_rate(world, clock)
         self.ranker_url = ranker_url.rstrip("/")
         self.ingest_url = ingest_url.rstrip("/")
         self.rng = np.random.default_rng(seed)
@@ -128,6 +131,22 @@ class TrafficSimulator:
         self._pending: list[tuple[int, int, dict[str, Any]]] = []  # (ts, tiebreak, event) heap
         self._tiebreak = 0
         self._published_until = int(clock.now_ms())
+
+    @staticmethod
+    def world_session_rate(world: World, clock: Clock) -> float:
+        """Sessions per wall second that the simulated users start on their own: the rate at which
+        the history was generated, sped up by the clock. Live traffic at this rate has the same
+        volume per simulated hour as the training data, so the monitor sees no artificial drift."""
+        users = world.active_users(clock.now_ms())
+        per_sim_second = float(world.user_activity[users].sum()) / 86_400
+        return per_sim_second * float(getattr(clock, "speedup", 1.0))
+
+    def current_rate(self, now_ms: int) -> float:
+        """The base rate, following the world's daily cycle when the config asks for one (fixed
+        rates from --rate are load, not users, and stay flat)."""
+        if self.config.rate is not None:
+            return self.base_rate
+        return self.base_rate * self.world.diurnal_factor(now_ms)
 
     def pick_user(self, now_ms: int) -> int:
         users = self.world.active_users(now_ms)
@@ -149,9 +168,7 @@ class TrafficSimulator:
         now = self.clock.now_ms()
         user = self.pick_user(now)
         try:
-            response = await client.post(
-                f"{self.ranker_url}/rank", json={"user_id": user, "k": self.config.k}
-            )
+            response = await client.post(f"{self.ranker_url}/rank", json={"user_id": user, "k": self.k})
             response.raise_for_status()
         except httpx.HTTPError as exc:
             self.stats.failed_requests += 1
@@ -220,7 +237,6 @@ class TrafficSimulator:
 
     async def run(self, duration_s: float | None = None) -> Stats:
         """Fixed-rate requests (with at most `concurrency` in flight) until the duration passes."""
-        interval = 1.0 / self.config.rate
         limiter = asyncio.Semaphore(self.config.concurrency)
         started = time.monotonic()
         last_flush = last_catalog = 0.0
@@ -230,7 +246,7 @@ class TrafficSimulator:
             next_at = time.monotonic()
             while duration_s is None or time.monotonic() - started < duration_s:
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                next_at += interval
+                next_at += 1.0 / self.current_rate(self.clock.now_ms())
 
                 async def one() -> None:
                     async with limiter:

@@ -182,6 +182,10 @@ class World:
             delta[swing.rising_topics] += swing.delta_logit
             delta[swing.falling_topics] -= swing.delta_logit
             logit = logit + np.where(swing_on, delta[topics], 0.0)
+        fresh_on = self._drift_active(drift.freshness_shift.starts_after, ts_ms)
+        if fresh_on.any():
+            extra = drift.freshness_shift.age_weight_delta * np.log2(1.0 + age_h / half_life_h)
+            logit = logit - np.where(fresh_on, extra, 0.0)
         ctr_on = self._drift_active(drift.ctr_shift.starts_after, ts_ms)
         if ctr_on.any():
             logit = logit + np.where(ctr_on, drift.ctr_shift.delta_logit, 0.0)

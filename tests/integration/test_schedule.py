@@ -26,10 +26,13 @@ def test_scheduler_uses_the_configured_interval(redis_pair: RedisPair) -> None:
     assert [j.func_name for j in queued] == ["services.feature.schedule.scheduled_etl"]
 
 
-def test_no_schedule_when_disabled(tiny_config: DataConfig, redis_pair: RedisPair) -> None:
-    assert tiny_config.pipeline.schedule_every is None
+def test_no_schedule_when_disabled(redis_pair: RedisPair) -> None:
+    config = load_config(
+        DataConfig, REPO_CONFIG_DIR / "data.yaml", "tiny", overrides={"pipeline": {"schedule_every": None}}
+    )
+    assert config.pipeline.schedule_every is None
     with pytest.raises(ValueError, match="nothing to schedule"):
-        build_scheduler(redis_pair.queue, tiny_config)
+        build_scheduler(redis_pair.queue, config)
 
 
 def test_trigger_never_starts_two_runs(settings: Settings, redis_pair: RedisPair) -> None:

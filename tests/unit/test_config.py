@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from shared.config import ConfigError, DataConfig, format_duration, load_config, parse_duration
+from shared.config import (
+    ConfigError,
+    DataConfig,
+    format_duration,
+    load_config,
+    load_data_config,
+    load_model_config,
+    load_monitoring_config,
+    parse_duration,
+)
 from shared.settings import REPO_CONFIG_DIR
 
 DATA_YAML = REPO_CONFIG_DIR / "data.yaml"
@@ -18,6 +27,17 @@ DATA_YAML = REPO_CONFIG_DIR / "data.yaml"
 def test_every_shipped_profile_is_valid(profile: str) -> None:
     config = load_config(DataConfig, DATA_YAML, profile)
     assert config.world.n_users > 0
+
+
+@pytest.mark.parametrize("profile", ["default", "tiny", "bench"])
+def test_configs_of_a_profile_agree_with_each_other(profile: str) -> None:
+    data = load_data_config(REPO_CONFIG_DIR, profile)
+    model = load_model_config(REPO_CONFIG_DIR, profile)
+    monitoring = load_monitoring_config(REPO_CONFIG_DIR, profile)
+    windows = [parse_duration(w) for w in data.features.windows]
+    assert model.evaluation.popularity_window in windows  # the baseline ranks by one of the features
+    # a version's reference waits until its longest feature window has filled with its own traffic
+    assert monitoring.windows.baseline_warmup >= max([*windows, data.features.long_window])
 
 
 def test_profile_overrides_only_what_it_names() -> None:

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from services.monitor.assess import QualityFigures
+from services.monitor.jobs import click_shortfall_p
 from services.monitor.stats import categorical_psi, ks_drift, psi, two_proportion_test
 
 
@@ -58,3 +60,30 @@ def test_two_proportion_test_matches_the_normal_approximation() -> None:
     assert result.p_value == pytest.approx(stats.norm.sf(z))
     assert result.lift == pytest.approx(0.16)
     assert two_proportion_test(580, 10_000, 500, 10_000).p_value > 0.5  # one-sided: worse is not better
+
+
+def quality_figures(clicks: int, oracle_expected_clicks: float) -> QualityFigures:
+    return QualityFigures(
+        variant="champion",
+        model_version=1,
+        impressions=clicks * 10,
+        clicks=clicks,
+        ctr=0.1,
+        auc=0.7,
+        ece_top_slot=0.01,
+        oracle_auc=0.8,
+        oracle_expected_clicks=oracle_expected_clicks,
+        ctr_ratio=clicks / oracle_expected_clicks,
+    )
+
+
+def test_a_small_windows_dip_in_clicks_is_noise_a_large_windows_is_not() -> None:
+    # the same 21% drop of the ratio (0.8 -> 0.63), on a baseline of 80 clicks per 100 expected
+    small = click_shortfall_p(quality_figures(63, 100.0), baseline_clicks=80, baseline_expected=100.0)
+    large = click_shortfall_p(
+        quality_figures(6300, 10_000.0), baseline_clicks=8000, baseline_expected=10_000.0
+    )
+    assert small > 0.05
+    assert large < 1e-6
+    more = click_shortfall_p(quality_figures(90, 100.0), baseline_clicks=80, baseline_expected=100.0)
+    assert more > 0.5  # more clicks than the baseline: no shortfall at all

@@ -111,7 +111,8 @@ def test_own_click_is_not_a_feature_of_its_impression(tiny_config: DataConfig) -
     window = DatasetWindow.from_config(tiny_config, t0, t0 + 2 * HOUR_MS)
     examples, _ = build_examples(events, catalog, spec, window)
     by_item = {row["item_id"]: row for row in examples.to_pylist()}
-    clicks_1h = f"user_clicks_log_{spec.window_label(spec.windows_ms[0])}"
+    hour_or_more = next(w for w in spec.windows_ms if w >= HOUR_MS)  # covers b-0, half an hour later
+    clicks_1h = f"user_clicks_log_{spec.window_label(hour_or_more)}"
 
     assert by_item[10]["label"] == 1
     assert by_item[10][clicks_1h] == 0.0  # the example's own label is invisible

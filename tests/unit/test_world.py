@@ -57,8 +57,16 @@ def test_a_window_is_identical_however_the_run_is_split() -> None:
     end = start + timedelta(hours=6)
     alone = pa.concat_tables([c.events for c in SessionSimulator(world).run(start, end)])
     whole = simulate(config, 2)
-    ts = whole["ts"].cast(pa.int64())
-    inside = whole.filter(pc.and_(pc.greater_equal(ts, to_ms(start)), pc.less(ts, to_ms(end))))
+    # the sessions that start inside the window, with their events until the window's end
+    first = whole.group_by("request_id").aggregate([("ts", "min")])
+    first_ts = first["ts_min"].cast(pa.int64())
+    started = first.filter(pc.and_(pc.greater_equal(first_ts, to_ms(start)), pc.less(first_ts, to_ms(end))))
+    inside = whole.filter(
+        pc.and_(
+            pc.is_in(whole["request_id"], started["request_id"]),
+            pc.less(whole["ts"].cast(pa.int64()), to_ms(end)),  # a run ends at its end
+        )
+    )
     assert alone.num_rows > 0
     assert sorted(alone["event_id"].to_pylist()) == sorted(inside["event_id"].to_pylist())
 
@@ -203,6 +211,23 @@ def test_taste_shift_changes_affected_users_only() -> None:
     affected = world.user_shift_mask[users]
     assert np.abs(delta[~affected]).max() < 1e-3  # only ageing, which is negligible over 1 ms
     assert np.abs(delta[affected]).mean() > 0.3
+
+
+def test_freshness_shift_penalises_old_items_more_than_new_ones() -> None:
+    config = tiny({"drift": {"freshness_shift": {"starts_after": f"{ONSET_DAYS}d", "age_weight_delta": 2.0}}})
+    world, unchanged = World.create(config), World.create(tiny())
+    onset = to_ms(config.world.start) + ONSET_DAYS * 86_400_000
+    published = world.item_published_ms <= onset
+    items = np.flatnonzero(published)
+    users = np.zeros(items.size, dtype=np.int64)
+    at = np.full(items.size, onset)
+    drop = unchanged.relevance_logit(users, items, at) - world.relevance_logit(users, items, at)
+    age = onset - world.item_published_ms[items]
+    assert np.all(drop >= 0)
+    assert np.all(np.diff(drop[np.argsort(age)]) >= -1e-9)  # the older, the larger the penalty
+    assert drop.max() > 2.0
+    before = world.relevance_logit(users, items, at - 1) - unchanged.relevance_logit(users, items, at - 1)
+    assert np.abs(before).max() < 1e-9  # nothing changes before the onset
 
 
 def test_every_knob_is_off_by_default() -> None:
