@@ -73,11 +73,14 @@ NEED_A_CHALLENGER = ("feedrank_monitor_ab_",)
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(repr=False)
 class Stack:
     env: dict[str, str]
     report: dict[str, Any] = field(default_factory=dict)
     failed: bool = False
+
+    def __repr__(self) -> str:  # tracebacks show it: never the environment (it may hold secrets)
+        return f"Stack(project={PROJECT!r}, ports={PORTS})"
 
     def url(self, port_name: str) -> str:
         return f"http://127.0.0.1:{PORTS[port_name]}"
