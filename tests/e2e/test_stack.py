@@ -324,7 +324,16 @@ def test_injected_drift_leads_to_a_promotion(stack: Stack) -> None:
     before = stack.champion()
     assert before is not None
     started = time.monotonic()
-    injected = stack.exec("traffic", "python", "-m", "services.traffic", "inject-drift", "taste_shift")
+
+    def champion_judged() -> bool | None:
+        # drift is measured against the champion's settled serving baseline: inject after it exists
+        report = httpx.get(f"{stack.url('MONITOR_PORT')}/report", timeout=10).json()
+        return True if report.get("status") == "ok" else None
+
+    eventually(champion_judged, 600, every_s=5, what="the champion's monitoring baseline (status ok)")
+    stack.timed("baseline_ready", started)
+    # a topic-popularity swing: the champion's learned topic preferences turn wrong, a retrain helps
+    injected = stack.exec("traffic", "python", "-m", "services.traffic", "inject-drift", "topic_popularity")
     print(f"e2e: {injected.stdout.strip()}", flush=True)
 
     def promoted() -> int | None:

@@ -7,6 +7,7 @@ import shutil
 from datetime import timedelta
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -84,7 +85,8 @@ def test_etl_builds_datasets_and_the_online_store(
     catalog = the_lake.read_catalog()
     counters = Counters(spec, event_log(events, catalog))
     user = int(events["user_id"][0].as_py())
-    items = events["item_id"].to_numpy()[:3]
+    latest = np.argsort(events["ts"].cast(pa.int64()).to_numpy())[-3:]  # seen within every window
+    items = events["item_id"].to_numpy()[latest]
     fetched = store.fetch(spec, user, items.tolist())
     np.testing.assert_array_equal(fetched.user, counters.user_rows(np.array([user]), as_of)[0])
     assert fetched.item_found.all()

@@ -29,7 +29,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 def event(i: int, **changes: Any) -> dict[str, Any]:
     base = {
         "event_id": f"q{i}-1-c", "event_type": "click", "user_id": 3, "item_id": 4, "request_id": f"q{i}",
-        "position": 1, "ts": "2026-01-03T10:00:00Z", "dwell_ms": 5000,
+        "position": 1, "ts": "2026-01-02T10:00:00Z", "dwell_ms": 5000,
     }  # fmt: skip
     return base | changes
 
