@@ -293,6 +293,8 @@ def test_a_model_that_cannot_serve_is_refused_and_the_current_one_kept(trained_w
     assert champion is not None
     good = registry.download(champion.version, trained_world.root / "bad-model-source")
     contract = {**Registry.contract(good), "feature_version": "fv-from-another-world"}
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)  # not whatever an earlier test left active
+    mlflow.set_experiment("ranker-tests")
     with mlflow.start_run():
         info = mlflow.onnx.log_model(
             onnx.load(str(good / "model.onnx")), name="model", metadata={"contract": contract}
