@@ -21,7 +21,7 @@ from tests.integration.scenario import LiveStack, bootstrap, run_scenario, scena
 STABLE_RUNS = int(os.environ.get("FEEDRANK_BENCH_STABLE_RUNS", "100"))
 """Monitoring runs of the stable world counted for false alarms (before the first drift)."""
 
-FULL_LOOP_KNOB = "freshness_shift"
+FULL_LOOP_KNOB = "topic_popularity"
 """The knob whose run is followed from the alert through retrain, gate and A/B to promotion."""
 
 

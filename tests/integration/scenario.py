@@ -167,9 +167,9 @@ def run_scenario(  # noqa: PLR0912 - one timeline, read top to bottom
     stable_runs: int = 4,
     interval_s: float = 6.0,
     max_drift_runs: int = 12,
-    max_loop_s: float = 420.0,
+    max_loop_s: float = 600.0,
     stack: LiveStack | None = None,
-    stop_after: Literal["alert", "gate", "recovery"] = "recovery",
+    stop_after: Literal["alert", "gate", "promotion", "recovery"] = "recovery",
 ) -> ScenarioResult:
     """The scenario on an already bootstrapped world (a champion is registered); the stack must run."""
     conn = Redis.from_url(str(settings.queue_url))
@@ -246,6 +246,8 @@ def run_scenario(  # noqa: PLR0912 - one timeline, read top to bottom
             result.promoted_version = current.version
             result.alert_to_promotion_s = round(time.monotonic() - (alert_at or time.monotonic()), 1)
             timeline.mark("promoted", version=current.version, ab=act.get("ab"))
+            if stop_after == "promotion":
+                break
         if (
             result.promoted_version is not None
             and report.get("champion_version") == result.promoted_version
