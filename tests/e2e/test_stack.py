@@ -12,7 +12,7 @@ go to .run/e2e/logs when a test failed). Timings and image sizes: .run/e2e/repor
 Knobs (environment): FEEDRANK_E2E_SKIP_BUILD=1, FEEDRANK_E2E_PROMOTION_TIMEOUT_S (default 1080),
 FEEDRANK_E2E_PORT_OFFSET (host ports are 20000 + the usual port + offset), FEEDRANK_E2E_PROJECT
 (default feedrank-e2e), FEEDRANK_E2E_LOOP=0 (skip
-the drift -> promotion test; the A/B panels, which need a challenger, may then be empty).
+the drift -> promotion test; the A/B and decision panels, which need the loop, may then be empty).
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ SCRAPE_JOBS = {
 }
 PROMOTION_TIMEOUT_S = float(os.environ.get("FEEDRANK_E2E_PROMOTION_TIMEOUT_S", "1080"))
 CHECK_LOOP = os.environ.get("FEEDRANK_E2E_LOOP", "1") != "0"
-NEED_A_CHALLENGER = ("feedrank_monitor_ab_",)
-"""Panels whose metrics exist only once a challenger has been A/B tested."""
+NEED_A_CHALLENGER = ("feedrank_monitor_ab_", "feedrank_monitor_decisions")
+"""Panels whose metrics exist only once the loop has run: an A/B test, retrain/gate decisions."""
 
 T = TypeVar("T")
 
