@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from services.monitor.stats import categorical_psi, distinct_count, ks_drift, psi
+from services.monitor.stats import KsResult, categorical_psi, distinct_count, ks_drift, psi
 from shared.config import MonitoringConfig
 from shared.evaluation import auc, reliability
 from shared.world import World
@@ -105,6 +105,19 @@ def entity_column(feature: str) -> str:
     return "item_id"  # item_*, item_age_log and the rest describe the item shown
 
 
+def ks_at_entity_size(
+    reference: pa.Table, current: pa.Table, column: str, entity: str, config: MonitoringConfig
+) -> KsResult:
+    """KS of one column, tested at the number of distinct entities behind each sample."""
+    return ks_drift(
+        reference[column].to_numpy().astype(np.float64),
+        current[column].to_numpy().astype(np.float64),
+        config.drift.ks_alpha,
+        config.drift.ks_min_effect,
+        (distinct_count(reference[entity].to_numpy()), distinct_count(current[entity].to_numpy())),
+    )
+
+
 def feature_drift(
     reference: pa.Table, current: pa.Table, dense_names: tuple[str, ...], config: MonitoringConfig
 ) -> list[FeatureDrift]:
@@ -116,14 +129,7 @@ def feature_drift(
         ref = reference[name].to_numpy().astype(np.float64)
         cur = current[name].to_numpy().astype(np.float64)
         value = psi(ref, cur, cfg.psi_bins)
-        entity = entity_column(name)
-        ks = ks_drift(
-            ref,
-            cur,
-            cfg.ks_alpha,
-            cfg.ks_min_effect,
-            (distinct_count(reference[entity].to_numpy()), distinct_count(current[entity].to_numpy())),
-        )
+        ks = ks_at_entity_size(reference, current, name, entity_column(name), config)
         limits = cfg.thresholds(name)
         level = "ok"
         # PSI alone is noisy when a few dozen items fill a window: an alert also needs the KS

@@ -24,11 +24,12 @@ from services.monitor.assess import (
     QualityFigures,
     feature_drift,
     join_served,
+    ks_at_entity_size,
     oracle_expected_clicks,
     quality,
     sample,
 )
-from services.monitor.stats import distinct_count, ks_drift, psi, two_proportion_test
+from services.monitor.stats import psi, two_proportion_test
 from shared import keys
 from shared.clock import AcceleratedClock
 from shared.config import DataConfig, ModelConfig, MonitoringConfig
@@ -105,14 +106,11 @@ def assess(params: dict[str, Any], run_id: str) -> dict[str, Any]:
             result.baseline_expected_clicks = oracle_expected_clicks(baseline, world)
             result.baseline_ctr_ratio = result.baseline_clicks / max(result.baseline_expected_clicks, 1e-9)
         key = f"{rows['variant'][0].as_py()}/{version}"
-        before, now = baseline["score"].to_numpy(), current["score"].to_numpy()
-        result.prediction_psi[key] = psi(before, now, monitoring.drift.psi_bins)
-        sizes = (
-            distinct_count(baseline["item_id"].to_numpy()),
-            distinct_count(current["item_id"].to_numpy()),
+        result.prediction_psi[key] = psi(
+            baseline["score"].to_numpy(), current["score"].to_numpy(), monitoring.drift.psi_bins
         )
-        result.prediction_significant[key] = ks_drift(
-            before, now, monitoring.drift.ks_alpha, monitoring.drift.ks_min_effect, sizes
+        result.prediction_significant[key] = ks_at_entity_size(
+            baseline, current, "score", "item_id", monitoring
         ).drifted
     result.alerts = _alerts(result, monitoring, window)
     return _finish(conn, the_lake, result, settings, monitoring)
