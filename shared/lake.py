@@ -57,6 +57,12 @@ def write_json_atomic(document: Any, path: Path) -> Path:
     return path
 
 
+def dataset_id(start_ms: int, end_ms: int) -> str:
+    """An offline dataset's id is its window: whoever submits a run knows where it will write."""
+    fmt = "%Y%m%dT%H%M%S"
+    return f"{from_ms(start_ms):{fmt}}-{from_ms(end_ms):{fmt}}"
+
+
 def _date(ms: int) -> str:
     return from_ms(ms).strftime("%Y-%m-%d")
 

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 from services.feature.compute import TYPE_CODE, Counters, EventLog, event_log
 from shared.config import DataConfig
 from shared.features import FeatureSpec
-from shared.lake import Lake, write_json_atomic, write_parquet_atomic
+from shared.lake import Lake, dataset_id, write_json_atomic, write_parquet_atomic
 from shared.schemas import EventType
-from shared.timeutil import duration_ms, from_ms, iso
+from shared.timeutil import duration_ms, iso
 
 SPLITS = ("train", "validation", "test")
 
@@ -59,8 +59,7 @@ class DatasetWindow:
 
     @property
     def dataset_id(self) -> str:
-        fmt = "%Y%m%dT%H%M%S"
-        return f"{from_ms(self.start_ms):{fmt}}-{from_ms(self.end_ms):{fmt}}"
+        return dataset_id(self.start_ms, self.end_ms)
 
 
 def dataset_dir(lake: Lake, feature_version: str, dataset_id: str) -> Path:

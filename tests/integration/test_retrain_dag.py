@@ -1,0 +1,43 @@
+"""The retraining DAG trains on the recent window it was asked for, not on whatever dataset an
+unrelated etl run happens to write: the scheduled etl's span and splits are the bootstrap's."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.feature.schedule import scheduled_etl
+from shared.dags import submit_retrain
+from shared.lake import dataset_id
+from shared.pipeline import PipelineRunner
+from shared.settings import Settings
+from shared.timeutil import duration_ms
+from tests.conftest import RedisPair
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_retrain_builds_and_trains_on_its_own_recent_window_while_a_scheduled_etl_runs(
+    settings: Settings, redis_pair: RedisPair
+) -> None:
+    data, model, monitoring = (
+        settings.data_config(),
+        settings.ranking_model_config(),
+        settings.monitoring_config(),
+    )
+    scheduled = scheduled_etl()
+    assert scheduled is not None  # holds the etl pipeline's lock
+
+    runs = submit_retrain(redis_pair.queue, data, model, monitoring, "feature_drift:test")
+
+    assert runs is not None, "a scheduled etl run blocked the retrain"
+    dataset_run = PipelineRunner(redis_pair.queue, data.pipeline).run(runs["dataset"])
+    train_run = PipelineRunner(redis_pair.queue, model.pipeline).run(runs["train"])
+    assert dataset_run is not None
+    assert train_run is not None
+    assert [s.name for s in dataset_run.steps] == ["validate", "features", "split"]
+    window = dataset_run.params
+    assert window["end_ms"] - window["start_ms"] == duration_ms(monitoring.retrain.window)
+    assert window["test_ms"] == duration_ms(monitoring.retrain.test)
+    assert train_run.params["dataset_id"] == dataset_id(window["start_ms"], window["end_ms"])
+    assert train_run.params["alias"] == "candidate"
+    assert submit_retrain(redis_pair.queue, data, model, monitoring, "again") is None  # one at a time
