@@ -572,9 +572,15 @@ class GateConfig(StrictModel):
 
 class RetrainConfig(StrictModel):
     cooldown: Duration
+    delay: Duration = Field(
+        description="sim time from the alert to the retrain's data cut: post-change data to learn from"
+    )
     window: Duration
     validation: Duration
     test: Duration
+    recency_half_life: Duration | None = Field(
+        description="training rows' loss weight halves per this age (null: uniform)"
+    )
     gate: GateConfig
 
 

@@ -14,6 +14,7 @@ from redis import Redis
 
 from shared.clock import AcceleratedClock, Clock
 from shared.config import DataConfig, ModelConfig, MonitoringConfig
+from shared.lake import dataset_id
 from shared.pipeline import Pipeline, PipelineRunner, Step
 from shared.timeutil import MINUTE_MS, duration_ms, to_ms
 
@@ -34,6 +35,23 @@ def etl_pipeline(config: DataConfig) -> Pipeline:
             Step("features", "services.feature.jobs.build_features", q.features),
             Step("split", "services.feature.jobs.split_dataset", q.features),
             Step("materialize", "services.feature.jobs.materialize", q.features),
+        ),
+    )
+
+
+def dataset_pipeline(config: DataConfig) -> Pipeline:
+    """validate -> features -> split on events already in the lake: a retrain's training set.
+
+    A pipeline of its own (its own lock), so a retrain never waits for, nor trains on the dataset
+    of, a scheduled etl run, whose span and splits are the bootstrap's, not the retrain's.
+    """
+    q = config.queues
+    return Pipeline(
+        "dataset",
+        (
+            Step("validate", "services.feature.jobs.validate_window", q.features),
+            Step("features", "services.feature.jobs.build_features", q.features),
+            Step("split", "services.feature.jobs.split_dataset", q.features),
         ),
     )
 
@@ -136,12 +154,8 @@ def gate_pipeline(data: DataConfig) -> Pipeline:
 def submit_retrain(
     conn: Redis, data: DataConfig, model: ModelConfig, monitoring: MonitoringConfig, reason: str
 ) -> dict[str, str] | None:
-    """The retraining DAG: etl on the recent lake window -> train a candidate -> offline gate.
-
-    If an etl run is already active (the schedule's), training chains after it instead of
-    starting another. Returns the run ids, or None when a retrain is already in flight.
-    """
-    runner = PipelineRunner(conn, data.pipeline)
+    """The retraining DAG: a dataset of the recent lake window -> train a candidate on exactly that
+    dataset -> offline gate. Returns the run ids, or None when a retrain is already in flight."""
     clock = AcceleratedClock.shared(conn, data)
     params = etl_params(data, "lake", clock=clock)
     params["start_ms"] = max(
@@ -149,17 +163,26 @@ def submit_retrain(
     )
     params["validation_ms"] = duration_ms(monitoring.retrain.validation)
     params["test_ms"] = duration_ms(monitoring.retrain.test)
-    etl_run = runner.submit(etl_pipeline(data), params) or runner.active_run("etl")
-    if etl_run is None:
+    dataset_run = PipelineRunner(conn, data.pipeline).submit(dataset_pipeline(data), params)
+    if dataset_run is None:
         return None
     train_run = PipelineRunner(conn, model.pipeline).submit(
         train_pipeline(model, data),
-        {"dataset_id": None, "alias": CANDIDATE, "reason": reason},
-        after_run=etl_run,
+        {
+            "dataset_id": dataset_id(params["start_ms"], params["end_ms"]),
+            "alias": CANDIDATE,
+            "reason": reason,
+            "recency_half_life_ms": (
+                duration_ms(monitoring.retrain.recency_half_life)
+                if monitoring.retrain.recency_half_life is not None
+                else None
+            ),
+        },
+        after_run=dataset_run,
     )
     if train_run is None:
         return None
     gate_run = PipelineRunner(conn, monitoring.pipeline).submit(
         gate_pipeline(data), {"train_run": train_run}, after_run=train_run
     )
-    return {"etl": etl_run, "train": train_run, "gate": gate_run or ""}
+    return {"dataset": dataset_run, "train": train_run, "gate": gate_run or ""}

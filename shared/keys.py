@@ -34,6 +34,9 @@ MONITOR_AB = f"{PREFIX}:monitor:ab"
 DECISIONS = f"{PREFIX}:monitor:decisions"
 """Hash: decision kind -> how many times it was taken (exported as a counter)."""
 
+RETRAIN_PENDING = f"{PREFIX}:monitor:retrain-pending"
+"""JSON {reason, due_ms, monitor_run}: a retrain decided on an alert, waiting for post-alert data."""
+
 RETRAIN_COOLDOWN = f"{PREFIX}:monitor:retrain-cooldown"
 """Set (NX, with a TTL) when a retrain starts: later alerts within the TTL start none."""
 

@@ -41,7 +41,7 @@ from shared.lake import Lake, write_parquet_atomic
 from shared.pipeline import PermanentStepError
 from shared.registry import Registry, VersionInfo
 from shared.settings import Settings, get_settings
-from shared.timeutil import iso
+from shared.timeutil import duration_ms, iso
 from shared.world.runtime import live_world
 
 log = structlog.get_logger(__name__)
@@ -201,6 +201,8 @@ def _alerts(result: Assessment, monitoring: MonitoringConfig, window: dict[str, 
                     model_version=result.champion_version,
                 )
             )
+    for record in found:
+        record["monitor_run"] = result.run_id  # the run (and its report) behind the alert
     return found
 
 
@@ -238,21 +240,56 @@ def act(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         if latest.get("run_id") == run_id
         else []
     )
-    if firing and challenger is None and candidate is None:
+    now = AcceleratedClock.shared(conn, data).now_ms()
+    pending = json.loads(conn.get(keys.RETRAIN_PENDING) or b"null")
+    if firing and challenger is None and candidate is None and pending is None:
         cooldown = int(monitoring.retrain.cooldown.total_seconds())
         if conn.set(keys.RETRAIN_COOLDOWN, run_id, nx=True, ex=cooldown):
             reason = "; ".join(f"{a['kind']}:{a['what']}" for a in firing)
-            runs = submit_retrain(conn, data, model, monitoring, reason)
+            pending = {
+                "reason": reason,
+                "due_ms": now + duration_ms(monitoring.retrain.delay),
+                "monitor_run": run_id,
+            }
+            conn.set(keys.RETRAIN_PENDING, json.dumps(pending))
             audit.record(
-                conn, the_lake.root, "retrain_triggered", reason=reason, runs=runs, monitor_run=run_id
-            )
-            outcome["retrain"] = runs
+                conn, the_lake.root, "retrain_scheduled", reason=reason, due=iso(pending["due_ms"]),
+                monitor_run=run_id,
+            )  # fmt: skip
+            outcome["retrain"] = "scheduled"
         else:
             outcome["retrain"] = "cooldown"
+    if pending is not None:
+        started = _start_due_retrain(conn, the_lake, pending, now, data, model, monitoring)
+        if started != "waiting" or "retrain" not in outcome:  # keep "scheduled" on the alert's run
+            outcome["retrain"] = started
     if challenger is not None:
         outcome["ab"] = decide_ab(conn, the_lake, registry, model, monitoring, challenger, data)
         conn.set(keys.MONITOR_AB, json.dumps({**outcome["ab"], "at": time.time()}, default=float))
     return outcome
+
+
+def _start_due_retrain(
+    conn: Any,
+    the_lake: Lake,
+    pending: dict[str, Any],
+    now: int,
+    data: DataConfig,
+    model: ModelConfig,
+    monitoring: MonitoringConfig,
+) -> dict[str, str] | str:
+    """Submit the retrain once its delay has passed (the world's new data is in the lake)."""
+    if now < pending["due_ms"]:
+        return "waiting"
+    runs = submit_retrain(conn, data, model, monitoring, pending["reason"])
+    if runs is None:
+        return "busy"
+    conn.delete(keys.RETRAIN_PENDING)
+    audit.record(
+        conn, the_lake.root, "retrain_triggered", reason=pending["reason"], runs=runs,
+        monitor_run=pending["monitor_run"],
+    )  # fmt: skip
+    return runs
 
 
 def ab_counts(the_lake: Lake, since_ms: int, until_ms: int) -> dict[tuple[str, int], tuple[int, int]]:

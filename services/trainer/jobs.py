@@ -183,7 +183,10 @@ def train(params: dict[str, Any], run_id: str) -> dict[str, Any]:
             mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
             _progress(stage="training", epoch=epoch, val_auc=round(metrics["val_auc"], 4))
 
-        result = train_model(ctx.model, dataset.dense_names, train_split, validation, on_epoch)
+        half_life = params.get("recency_half_life_ms")
+        if half_life is not None:
+            mlflow.log_param("training.recency_half_life_ms", half_life)
+        result = train_model(ctx.model, dataset.dense_names, train_split, validation, on_epoch, half_life)
         tmp = ctx.workdir / f".{CHECKPOINT}.{os.getpid()}.tmp"
         save_checkpoint(result, tmp)
         tmp.replace(ctx.workdir / CHECKPOINT)

@@ -85,12 +85,25 @@ def predict(
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
+def recency_weights(ts: np.ndarray, half_life_ms: int | None) -> np.ndarray:
+    """Per-row loss weights halving every `half_life_ms` back from the newest row, mean 1.
+
+    A retrain after drift learns mostly from the world as it is now, while older rows still
+    keep the ids' embeddings trained. None: every row counts the same."""
+    if half_life_ms is None or ts.size == 0:
+        return np.ones(ts.size, dtype=np.float32)
+    age = (ts.max() - ts).astype(np.float64)
+    weights = np.exp2(-age / half_life_ms)
+    return np.asarray(weights / weights.mean(), dtype=np.float32)
+
+
 def train_model(
     config: ModelConfig,
     dense_names: tuple[str, ...],
     train: Split,
     validation: Split,
     on_epoch: EpochCallback | None = None,
+    recency_half_life_ms: int | None = None,
 ) -> TrainResult:
     cfg = config.training
     torch.set_num_threads(cfg.threads)
@@ -99,8 +112,9 @@ def train_model(
     spec = make_spec(config, dense_names, train)
     model = build_model(spec).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    loss_fn = nn.BCEWithLogitsLoss()
+    loss_fn = nn.BCEWithLogitsLoss(reduction="none")
     dense, ids, labels = tensors(train, device)
+    weights = torch.from_numpy(recency_weights(train.ts, recency_half_life_ms)).to(device)
     n = len(train)
     result = TrainResult(model=model, spec=spec, device=str(device))
     best_loss, best_state, stale = float("inf"), copy.deepcopy(model.state_dict()), 0
@@ -120,7 +134,7 @@ def train_model(
                 for c in ("user_id", "item_id"):
                     batch_ids[c] = torch.where(hidden, torch.full_like(batch_ids[c], -1), batch_ids[c])
             logits = model(dense[rows], *(batch_ids[c] for c in ID_COLUMNS))
-            loss = loss_fn(logits, labels[rows])
+            loss = (loss_fn(logits, labels[rows]) * weights[rows]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,6 +68,8 @@ SCRAPE_JOBS = {
 }
 PROMOTION_TIMEOUT_S = float(os.environ.get("FEEDRANK_E2E_PROMOTION_TIMEOUT_S", "1080"))
 CHECK_LOOP = os.environ.get("FEEDRANK_E2E_LOOP", "1") != "0"
+STABLE_RUNS_BEFORE_DRIFT = 3
+"""Monitoring runs that judge the stable world against the champion's baseline before the injection."""
 NEED_A_CHALLENGER = ("feedrank_monitor_ab_", "feedrank_monitor_decisions")
 """Panels whose metrics exist only once the loop has run: an A/B test, retrain/gate decisions."""
 
@@ -144,9 +147,19 @@ class Stack:
             return []
         return [f"{r['run_id']}: {[s['error'] for s in r['steps'] if s.get('error')]}" for r in runs]
 
+    def alerts(self, severity: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """Alerts of that severity in the monitor's stream, newest first."""
+        recent = httpx.get(f"{self.url('MONITOR_PORT')}/alerts", params={"limit": limit}, timeout=10).json()
+        return [a for a in recent if a["severity"] == severity]
+
     def audit(self, limit: int = 30) -> list[dict[str, Any]]:
         out = self.exec("monitor", "python", "-m", "services.monitor", "audit", "--limit", str(limit))
         return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def _parse_iso(value: str) -> float:
+    """Seconds since the epoch of an ISO-8601 UTC timestamp ('Z' or '+00:00')."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
 def eventually(check: Callable[[], T | None], timeout_s: float, every_s: float = 2.0, what: str = "") -> T:
@@ -319,22 +332,32 @@ def test_ranker_scales_out_behind_the_gateway(stack: Stack) -> None:
 
 
 def test_injected_drift_leads_to_a_promotion(stack: Stack) -> None:
+    """Causal: the stable world raises no alert before the injection; the alert that starts the
+    retrain judges a window that ends after the drift's onset."""
     if not CHECK_LOOP:
         pytest.skip("FEEDRANK_E2E_LOOP=0: the drift -> retrain -> A/B -> promotion loop is not checked")
     before = stack.champion()
     assert before is not None
     started = time.monotonic()
+    quiet_runs: set[str] = set()
 
-    def champion_judged() -> bool | None:
-        # drift is measured against the champion's settled serving baseline: inject after it exists
+    def stable_world_judged_quiet() -> bool | None:
+        # drift is measured against the champion's settled serving baseline: inject once it exists
+        # and a few monitoring runs have judged the stable world against it
         report = httpx.get(f"{stack.url('MONITOR_PORT')}/report", timeout=10).json()
-        return True if report.get("status") == "ok" else None
+        if report.get("status") == "ok":
+            quiet_runs.add(report["run_id"])
+        return True if len(quiet_runs) >= STABLE_RUNS_BEFORE_DRIFT else None
 
-    eventually(champion_judged, 600, every_s=5, what="the champion's monitoring baseline (status ok)")
+    eventually(stable_world_judged_quiet, 600, every_s=3, what="the champion's baseline and quiet runs")
     stack.timed("baseline_ready", started)
+    false_alarms = stack.alerts(severity="alert")
+    assert not false_alarms, f"the stable world raised alerts before any drift: {false_alarms}"
+    injected_at = time.time()
     # a topic-popularity swing: the champion's learned topic preferences turn wrong, a retrain helps
     injected = stack.exec("traffic", "python", "-m", "services.traffic", "inject-drift", "topic_popularity")
     print(f"e2e: {injected.stdout.strip()}", flush=True)
+    onset = injected.stdout.split("starts at sim time ", 1)[1].split(";", 1)[0]
 
     def promoted() -> int | None:
         failing = stack.failing_monitor_runs()
@@ -350,6 +373,20 @@ def test_injected_drift_leads_to_a_promotion(stack: Stack) -> None:
         stack.report["audit"] = [f"{e.get('at')} {e.get('kind')}" for e in reversed(entries)]
         stack.report["registry"] = [(v["version"], v["aliases"]) for v in stack.registry()]
     stack.timed("drift_to_promotion", started)
+    retrains = [e for e in entries if e["kind"] == "retrain_triggered"]
+    assert retrains, entries
+    first_retrain = retrains[-1]
+    assert _parse_iso(first_retrain["at"]) >= int(injected_at), first_retrain
+    trigger = [a for a in stack.alerts(severity="alert") if a["monitor_run"] == first_retrain["monitor_run"]]
+    assert trigger, f"no alert of {first_retrain['monitor_run']} in the stream"
+    window = trigger[0]["window"]
+    drifted_s = _parse_iso(window["end"]) - _parse_iso(onset)
+    span_s = _parse_iso(window["end"]) - _parse_iso(window["start"])
+    stack.report["trigger"] = {"alerts": [f"{a['kind']}:{a['what']}" for a in trigger], "window": window,
+                               "onset": onset, "drifted_share_of_window": round(max(drifted_s, 0) / span_s, 3)}  # fmt: skip
+    assert drifted_s > 0, (
+        f"the retrain's alert judged a window that ended before the onset {onset}: {trigger}"
+    )
     kinds = {e["kind"] for e in entries}
     assert "promoted" in kinds, entries
     # the ranker follows the registry: the new champion is served

@@ -157,7 +157,16 @@ def monitor_once(conn: Redis, settings: Settings, timeout_s: float = 120) -> tup
 
 
 def champion_ratio(report: dict[str, Any]) -> float | None:
-    return next((q["ctr_ratio"] for q in report.get("quality", []) if q["variant"] == "champion"), None)
+    """The current champion's clicks per oracle-expected click (not a predecessor's, in the window
+    of a promotion)."""
+    return next(
+        (
+            q["ctr_ratio"]
+            for q in report.get("quality", [])
+            if q["variant"] == "champion" and q["model_version"] == report.get("champion_version")
+        ),
+        None,
+    )
 
 
 def run_scenario(  # noqa: PLR0912 - one timeline, read top to bottom
@@ -192,7 +201,7 @@ def run_scenario(  # noqa: PLR0912 - one timeline, read top to bottom
             phase="stable",
             status=status,
             run=view.status,
-            alerts=len(alerts),
+            alerts=[f"{a['kind']}:{a['what']}" for a in alerts],
             ctr_ratio=champion_ratio(report),
         )
         if status == "ok":

@@ -18,7 +18,8 @@ import pytest
 
 from services.monitor import alerts, audit
 from services.monitor.app import create_app
-from services.monitor.jobs import CHALLENGER_SINCE, decide_ab
+from services.monitor.jobs import CHALLENGER_SINCE, act, decide_ab
+from shared import keys
 from shared.clock import AcceleratedClock
 from shared.connections import lake
 from shared.dags import submit_monitor, submit_train
@@ -235,3 +236,35 @@ def test_ab_test_rejects_a_challenger_that_never_wins(trained_world: TrainedWorl
     assert registry.by_alias("champion").version == champion.version  # type: ignore[union-attr]
     assert registry.get(loser).tags["feedrank.ab_result"] == "lost"
     assert audit.entries(trained_world.queue, 1)[0]["kind"] == "challenger_rejected"
+
+
+def test_an_alert_schedules_one_retrain_which_starts_after_the_delay_with_post_alert_data(
+    trained_world: TrainedWorld,
+) -> None:
+    queue = trained_world.queue
+    monitoring = trained_world.settings.monitoring_config()
+    firing = {"severity": "alert", "kind": "quality", "what": "ctr_ratio"}
+    try:
+        queue.set(keys.MONITOR_LATEST, json.dumps({"run_id": "monitor-a", "alerts": [firing]}))
+        assert act({}, "monitor-a")["retrain"] == "scheduled"
+        pending = json.loads(queue.get(keys.RETRAIN_PENDING) or b"{}")
+        assert pending["reason"] == "quality:ctr_ratio"
+        assert pending["monitor_run"] == "monitor-a"
+        assert audit.entries(queue, 1)[0]["kind"] == "retrain_scheduled"
+
+        queue.set(keys.MONITOR_LATEST, json.dumps({"run_id": "monitor-b", "alerts": [firing]}))
+        assert act({}, "monitor-b")["retrain"] == "waiting"  # the delay has not passed; no second one
+
+        queue.set(
+            keys.RETRAIN_PENDING, json.dumps({**pending, "due_ms": pending["due_ms"] - 10 * 86_400_000})
+        )
+        runs = act({}, "monitor-b")["retrain"]
+        assert set(runs) == {"dataset", "train", "gate"}
+        assert queue.get(keys.RETRAIN_PENDING) is None
+        triggered = audit.entries(queue, 1)[0]
+        assert triggered["kind"] == "retrain_triggered"
+        assert triggered["monitor_run"] == "monitor-a"  # the alert behind it, for tracing
+        assert monitoring.retrain.delay.total_seconds() > 0
+    finally:
+        for key in (keys.RETRAIN_PENDING, keys.RETRAIN_COOLDOWN, keys.MONITOR_LATEST):
+            queue.delete(key)

@@ -17,7 +17,13 @@ from services.trainer.data import Dataset, DatasetError, Split, check_dataset, r
 from services.trainer.evaluate import evaluate
 from services.trainer.export import ParityError, contract, export_onnx, parity_check
 from services.trainer.model import IdLookup, build_vocabulary
-from services.trainer.training import load_checkpoint, predict, save_checkpoint, train_model
+from services.trainer.training import (
+    load_checkpoint,
+    predict,
+    recency_weights,
+    save_checkpoint,
+    train_model,
+)
 from shared.config import DataConfig, ModelConfig, load_config
 from shared.evaluation import auc
 from shared.features import FeatureSpec
@@ -178,3 +184,13 @@ def test_a_dataset_of_another_feature_version_is_refused(dataset: Dataset) -> No
         (other / dataset.directory.name).symlink_to(dataset.directory)
     with pytest.raises(DatasetError, match="feature version mismatch"):
         resolve_dataset(features_dir, "fvOTHER", None)
+
+
+def test_recency_weights_halve_per_half_life_and_average_one() -> None:
+    hour = 3_600_000
+    ts = np.array([0, hour, 2 * hour], dtype=np.int64)
+    weights = recency_weights(ts, hour)
+    assert weights.mean() == pytest.approx(1.0)
+    assert weights[2] / weights[1] == pytest.approx(2.0)
+    assert weights[1] / weights[0] == pytest.approx(2.0)
+    assert np.all(recency_weights(ts, None) == 1.0)
