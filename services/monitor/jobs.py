@@ -37,11 +37,12 @@ from shared.connections import lake, queue_redis
 from shared.dags import CANDIDATE, submit_retrain
 from shared.evaluation import auc, log_loss, ndcg_at_k
 from shared.features import ID_COLUMNS, FeatureSpec
-from shared.lake import Lake, write_parquet_atomic
+from shared.lake import Lake, write_json_atomic, write_parquet_atomic
 from shared.pipeline import PermanentStepError
 from shared.registry import Registry, VersionInfo
 from shared.settings import Settings, get_settings
 from shared.timeutil import duration_ms, iso
+from shared.world import World
 from shared.world.runtime import live_world
 
 log = structlog.get_logger(__name__)
@@ -102,8 +103,7 @@ def assess(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         current = sample(rows, monitoring.windows.reference_rows)
         if version == champion.version:
             result.features = feature_drift(baseline, current, spec.dense_names, monitoring)
-            result.baseline_clicks = int(pc.sum(baseline["label"]).as_py())
-            result.baseline_expected_clicks = oracle_expected_clicks(baseline, world)
+            result.baseline_clicks, result.baseline_expected_clicks = baseline_clicks(path, baseline, world)
             result.baseline_ctr_ratio = result.baseline_clicks / max(result.baseline_expected_clicks, 1e-9)
         key = f"{rows['variant'][0].as_py()}/{version}"
         result.prediction_psi[key] = psi(
@@ -114,6 +114,21 @@ def assess(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         ).drifted
     result.alerts = _alerts(result, monitoring, window)
     return _finish(conn, the_lake, result, settings, monitoring)
+
+
+def baseline_clicks(path: Path, baseline: pa.Table, world: World) -> tuple[int, float]:
+    """A baseline's clicks and oracle-expected clicks: computed once (a loop over its requests and
+    the live catalog), then read from beside the baseline, which never changes."""
+    figures_path = path.with_suffix(".clicks.json")
+    if figures_path.exists():
+        figures = json.loads(figures_path.read_text())
+    else:
+        figures = {
+            "clicks": int(pc.sum(baseline["label"]).as_py()),
+            "oracle_expected_clicks": oracle_expected_clicks(baseline, world),
+        }
+        write_json_atomic(figures, figures_path)
+    return int(figures["clicks"]), float(figures["oracle_expected_clicks"])
 
 
 def first_served_ms(conn: Any, version: int, rows: pa.Table) -> int:
