@@ -176,7 +176,7 @@ def run_scenario(  # noqa: PLR0912 - one timeline, read top to bottom
     stable_runs: int = 4,
     interval_s: float = 6.0,
     max_drift_runs: int = 12,
-    max_loop_s: float = 600.0,
+    max_loop_s: float = 900.0,
     stack: LiveStack | None = None,
     stop_after: Literal["alert", "gate", "promotion", "recovery"] = "recovery",
 ) -> ScenarioResult:
