@@ -24,6 +24,16 @@ CANDIDATE = "candidate"
 """Registry alias of a freshly trained model waiting for the offline gate."""
 
 
+def _dataset_steps(config: DataConfig) -> tuple[Step, ...]:
+    """validate -> features -> split: an offline dataset from events already in the lake."""
+    q = config.queues
+    return (
+        Step("validate", "services.feature.jobs.validate_window", q.features),
+        Step("features", "services.feature.jobs.build_features", q.features),
+        Step("split", "services.feature.jobs.split_dataset", q.features),
+    )
+
+
 def etl_pipeline(config: DataConfig) -> Pipeline:
     """generate -> validate -> features -> split -> materialize."""
     q = config.queues
@@ -31,9 +41,7 @@ def etl_pipeline(config: DataConfig) -> Pipeline:
         "etl",
         (
             Step("generate", "services.ingest.jobs.generate", q.ingest),
-            Step("validate", "services.feature.jobs.validate_window", q.features),
-            Step("features", "services.feature.jobs.build_features", q.features),
-            Step("split", "services.feature.jobs.split_dataset", q.features),
+            *_dataset_steps(config),
             Step("materialize", "services.feature.jobs.materialize", q.features),
         ),
     )
@@ -45,15 +53,7 @@ def dataset_pipeline(config: DataConfig) -> Pipeline:
     A pipeline of its own (its own lock), so a retrain never waits for, nor trains on the dataset
     of, a scheduled etl run, whose span and splits are the bootstrap's, not the retrain's.
     """
-    q = config.queues
-    return Pipeline(
-        "dataset",
-        (
-            Step("validate", "services.feature.jobs.validate_window", q.features),
-            Step("features", "services.feature.jobs.build_features", q.features),
-            Step("split", "services.feature.jobs.split_dataset", q.features),
-        ),
-    )
+    return Pipeline("dataset", _dataset_steps(config))
 
 
 def etl_params(
