@@ -158,8 +158,8 @@ class Stack:
 
 
 def _parse_iso(value: str) -> float:
-    """Seconds since the epoch of an ISO-8601 UTC timestamp ('Z' or '+00:00')."""
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    """Seconds since the epoch of an ISO-8601 timestamp with its zone (Python 3.11 reads 'Z')."""
+    return datetime.fromisoformat(value).timestamp()
 
 
 def eventually(check: Callable[[], T | None], timeout_s: float, every_s: float = 2.0, what: str = "") -> T:
