@@ -68,6 +68,7 @@ class Assessment:
     baseline_ctr_ratio: float | None = None
     baseline_clicks: int = 0  # behind the ratio: its uncertainty matters as much as the window's
     baseline_expected_clicks: float = 0.0
+    ctr_shortfall_p: float | None = None  # one-sided p of the champion's ratio being below the baseline's
     alerts: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:

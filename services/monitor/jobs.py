@@ -112,6 +112,11 @@ def assess(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         result.prediction_significant[key] = ks_at_entity_size(
             baseline, current, "score", "item_id", monitoring
         ).drifted
+    champion_quality = next((q for q in result.quality if q.model_version == result.champion_version), None)
+    if champion_quality is not None and result.baseline_ctr_ratio:
+        result.ctr_shortfall_p = click_shortfall_p(
+            champion_quality, result.baseline_clicks, result.baseline_expected_clicks
+        )
     result.alerts = _alerts(result, monitoring, window)
     return _finish(conn, the_lake, result, settings, monitoring)
 
@@ -198,12 +203,9 @@ def _alerts(result: Assessment, monitoring: MonitoringConfig, window: dict[str, 
                 alerts.alert(severity, "prediction_drift", key, value, cfg.prediction_psi_alert, window)
             )
     champion_quality = next((q for q in result.quality if q.model_version == result.champion_version), None)
-    if champion_quality is not None and result.baseline_ctr_ratio:
+    if champion_quality is not None and result.baseline_ctr_ratio and result.ctr_shortfall_p is not None:
         floor = result.baseline_ctr_ratio * (1 - monitoring.quality.ctr_ratio_drop_alert)
-        if champion_quality.ctr_ratio < floor and (
-            click_shortfall_p(champion_quality, result.baseline_clicks, result.baseline_expected_clicks)
-            < monitoring.quality.alpha
-        ):
+        if champion_quality.ctr_ratio < floor and result.ctr_shortfall_p < monitoring.quality.alpha:
             found.append(
                 alerts.alert(
                     "alert",
@@ -213,6 +215,7 @@ def _alerts(result: Assessment, monitoring: MonitoringConfig, window: dict[str, 
                     floor,
                     window,
                     baseline=result.baseline_ctr_ratio,
+                    p_value=result.ctr_shortfall_p,
                     model_version=result.champion_version,
                 )
             )

@@ -24,10 +24,22 @@ STABLE_RUNS = int(os.environ.get("FEEDRANK_BENCH_STABLE_RUNS", "100"))
 FULL_LOOP_KNOB = "topic_popularity"
 """The knob whose run is followed from the alert through retrain, gate and A/B to promotion."""
 
+OTHER_KNOBS = os.environ.get("FEEDRANK_BENCH_OTHER_KNOBS")
+"""Comma-separated drift knobs measured up to their alert besides the full loop's (default: all;
+empty: none, for a quicker false-alarm and loop measurement)."""
+
 
 def run(ctx: BenchContext) -> dict[str, Any]:
     base_url = ctx.env["FEEDRANK_QUEUE_URL"].rsplit("/", 1)[0]
-    knobs = [FULL_LOOP_KNOB, *[k for k in DriftConfig.model_fields if k != FULL_LOOP_KNOB]]
+    others = [k for k in DriftConfig.model_fields if k != FULL_LOOP_KNOB]
+    if OTHER_KNOBS is not None:
+        unknown = {k for k in OTHER_KNOBS.split(",") if k} - set(others)
+        if unknown:
+            raise SystemExit(
+                f"FEEDRANK_BENCH_OTHER_KNOBS: unknown drift knobs {sorted(unknown)}; known: {others}"
+            )
+        others = [k for k in others if k in OTHER_KNOBS.split(",")]
+    knobs = [FULL_LOOP_KNOB, *others]
     per_knob: dict[str, dict[str, Any]] = {}
     stable: dict[str, Any] = {}
     loop: dict[str, Any] = {}

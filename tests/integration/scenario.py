@@ -203,6 +203,7 @@ def run_scenario(  # noqa: PLR0912 - one timeline, read top to bottom
             run=view.status,
             alerts=[f"{a['kind']}:{a['what']}" for a in alerts],
             ctr_ratio=champion_ratio(report),
+            shortfall_p=report.get("ctr_shortfall_p"),
         )
         if status == "ok":
             result.stable_runs += 1
@@ -231,7 +232,7 @@ def run_scenario(  # noqa: PLR0912 - one timeline, read top to bottom
         ratio = champion_ratio(report)
         timeline.mark(
             "monitor", status=report.get("status"), alerts=[f"{a['kind']}:{a['what']}" for a in alerts],
-            ctr_ratio=ratio, act={k: (v.get("decision") if isinstance(v, dict) else v) for k, v in act.items()},
+            ctr_ratio=ratio, shortfall_p=report.get("ctr_shortfall_p"), act={k: (v.get("decision") if isinstance(v, dict) else v) for k, v in act.items()},
         )  # fmt: skip
         if alerts and result.detection_runs is None:
             result.detection_runs = runs_after
