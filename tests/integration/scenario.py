@@ -212,6 +212,7 @@ def run_scenario(  # noqa: PLR0912 - one timeline, read top to bottom
 
     # 2. drift
     onset = timeline.clock.now_ms()
+    injected_wall_ms = int(time.time() * 1000)
     inject_drift(conn, data, knob, onset, **(knob_params or {}))
     timeline.mark("drift_injected", knob=knob, params=knob_params or {})
 
@@ -245,7 +246,7 @@ def run_scenario(  # noqa: PLR0912 - one timeline, read top to bottom
         if "retrain" in act and isinstance(act["retrain"], dict):
             result.retrain_runs = act["retrain"]
             timeline.mark("retrain_started", **act["retrain"])
-        if result.gate is None and (registry.by_alias("challenger") or _gate_failed(conn)):
+        if result.gate is None and (registry.by_alias("challenger") or _gate_failed(conn, injected_wall_ms)):
             challenger = registry.by_alias("challenger")
             result.gate = "passed" if challenger else "failed"
             timeline.mark("gate", result=result.gate, challenger=challenger.version if challenger else None)
@@ -283,10 +284,11 @@ def run_scenario(  # noqa: PLR0912 - one timeline, read top to bottom
     return result
 
 
-def _gate_failed(conn: Redis) -> bool:
-    return any(
-        json.loads(f[b"entry"])["kind"] == "gate_failed" for _, f in conn.xrevrange(keys.AUDIT, count=20)
-    )
+def _gate_failed(conn: Redis, since_wall_ms: int) -> bool:
+    """A gate failed after `since_wall_ms` (audit stream ids are wall milliseconds): a retrain of
+    the stable phase is not the drift's."""
+    entries = conn.xrevrange(keys.AUDIT, min=str(since_wall_ms), count=20)
+    return any(json.loads(f[b"entry"])["kind"] == "gate_failed" for _, f in entries)
 
 
 def bootstrap(settings: Settings, env: dict[str, str]) -> None:
