@@ -71,6 +71,9 @@ class Assessment:
     ctr_shortfall_p: float | None = None  # one-sided p of the champion's ratio being below the baseline's
     alerts: list[dict[str, Any]] = field(default_factory=list)
 
+    def champion_quality(self) -> QualityFigures | None:
+        return next((q for q in self.quality if q.model_version == self.champion_version), None)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 

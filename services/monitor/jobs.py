@@ -112,7 +112,7 @@ def assess(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         result.prediction_significant[key] = ks_at_entity_size(
             baseline, current, "score", "item_id", monitoring
         ).drifted
-    champion_quality = next((q for q in result.quality if q.model_version == result.champion_version), None)
+    champion_quality = result.champion_quality()
     if champion_quality is not None and result.baseline_ctr_ratio:
         result.ctr_shortfall_p = click_shortfall_p(
             champion_quality, result.baseline_clicks, result.baseline_expected_clicks
@@ -202,7 +202,7 @@ def _alerts(result: Assessment, monitoring: MonitoringConfig, window: dict[str, 
             found.append(
                 alerts.alert(severity, "prediction_drift", key, value, cfg.prediction_psi_alert, window)
             )
-    champion_quality = next((q for q in result.quality if q.model_version == result.champion_version), None)
+    champion_quality = result.champion_quality()
     if champion_quality is not None and result.baseline_ctr_ratio and result.ctr_shortfall_p is not None:
         floor = result.baseline_ctr_ratio * (1 - monitoring.quality.ctr_ratio_drop_alert)
         if champion_quality.ctr_ratio < floor and result.ctr_shortfall_p < monitoring.quality.alpha:
