@@ -33,12 +33,12 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     base_url = ctx.env["FEEDRANK_QUEUE_URL"].rsplit("/", 1)[0]
     others = [k for k in DriftConfig.model_fields if k != FULL_LOOP_KNOB]
     if OTHER_KNOBS is not None:
-        unknown = {k for k in OTHER_KNOBS.split(",") if k} - set(others)
-        if unknown:
+        wanted = {k for k in OTHER_KNOBS.split(",") if k}
+        if wanted - set(others):
             raise SystemExit(
-                f"FEEDRANK_BENCH_OTHER_KNOBS: unknown drift knobs {sorted(unknown)}; known: {others}"
+                f"FEEDRANK_BENCH_OTHER_KNOBS: unknown drift knobs {sorted(wanted - set(others))}; known: {others}"
             )
-        others = [k for k in others if k in OTHER_KNOBS.split(",")]
+        others = [k for k in others if k in wanted]
     knobs = [FULL_LOOP_KNOB, *others]
     per_knob: dict[str, dict[str, Any]] = {}
     stable: dict[str, Any] = {}
