@@ -175,7 +175,7 @@ def run_scenario(  # noqa: PLR0912 - one timeline, read top to bottom
     knob_params: dict[str, Any] | None = None,
     stable_runs: int = 4,
     interval_s: float = 6.0,
-    max_drift_runs: int = 12,
+    max_drift_runs: int = 24,  # ~7 simulated hours at interval_s: two tiny 3h windows after the onset
     max_loop_s: float = 900.0,
     stack: LiveStack | None = None,
     stop_after: Literal["alert", "gate", "promotion", "recovery"] = "recovery",
