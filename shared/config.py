@@ -459,6 +459,8 @@ class AbConfig(StrictModel):
 
 class ServingModelsConfig(StrictModel):
     reload_interval: Duration
+    retry_initial: Duration = Field(description="first wait after a failed download (doubles per failure)")
+    retry_max: Duration = Field(description="longest wait between download attempts of one version")
     onnx_intra_threads: int = Field(ge=1)
     onnx_inter_threads: int = Field(ge=1)
     smoke_rows: int = Field(gt=0)
@@ -527,6 +529,10 @@ class MonitorWindows(StrictModel):
         description="a version's reference is its first serving window after this much serving: windowed "
         "features reflect its own ranking policy only once their longest window has filled"
     )
+    baseline: Duration = Field(
+        description="after the warm-up, this much serving sets a version's quality level (clicks per "
+        "oracle-expected click and their overdispersion) that later runs are judged against"
+    )
 
 
 class FeatureThresholds(StrictModel):
@@ -553,9 +559,13 @@ class DriftDetectionConfig(StrictModel):
 
 
 class QualityConfig(StrictModel):
-    min_impressions: int = Field(gt=0)
-    ctr_ratio_drop_alert: Probability
-    alpha: Probability = Field(description="the drop must also be significant (one-sided Poisson z-test)")
+    min_impressions: int = Field(gt=0, description="per variant and version, for the report's figures")
+    ctr_ratio_drop_alert: Probability = Field(
+        description="the relative fall of clicks per oracle-expected click the CUSUM is tuned to detect"
+    )
+    cusum_threshold: float = Field(
+        gt=0, description="log-likelihood threshold of the CUSUM: sets the mean runs between false alarms"
+    )
     recovery_tolerance: Probability
 
 
@@ -570,7 +580,13 @@ class GateConfig(StrictModel):
     log_loss_tolerance: float = Field(ge=0)
 
 
+RetrainTrigger = Literal["quality", "feature_drift", "prediction_drift"]
+
+
 class RetrainConfig(StrictModel):
+    triggers: list[RetrainTrigger] = Field(
+        min_length=1, description="alert kinds that start a retrain (the others are for people to read)"
+    )
     cooldown: Duration
     delay: Duration = Field(
         description="sim time from the alert to the retrain's data cut: post-change data to learn from"
@@ -581,13 +597,31 @@ class RetrainConfig(StrictModel):
     recency_half_life: Duration | None = Field(
         description="training rows' loss weight halves per this age (null: uniform)"
     )
+    candidate_timeout: Duration = Field(
+        description="wall time a `candidate` alias may wait for its gate before it counts as stale"
+    )
     gate: GateConfig
 
 
 class AbTestConfig(StrictModel):
-    min_impressions: int = Field(gt=0)
-    alpha: Probability
-    max_impressions: int = Field(gt=0)
+    """The online A/B test: a mixture SPRT on the users' click-through rates (see monitor rules)."""
+
+    min_users: int = Field(gt=1, description="per arm, before any decision")
+    alpha: Probability = Field(description="two-sided; P(promoting an equal challenger) <= alpha / 2")
+    mixture_lift: float = Field(gt=0, description="relative CTR lift the test is most sensitive to")
+    max_duration: Duration = Field(description="sim time; a challenger without a verdict by then is rejected")
+    hide_margin: float = Field(ge=0, description="relative rise of the hide rate the guardrail tolerates")
+    calibration_tolerance: float = Field(
+        ge=0,
+        description="top-slot observed/predicted clicks may be this much further from 1 than the champion's",
+    )
+
+
+class RollbackConfig(StrictModel):
+    """After a promotion, the new champion is watched against the champion it replaced."""
+
+    probation: Duration = Field(description="sim time after a promotion during which it can be rolled back")
+    cooldown: Duration = Field(description="wall time after an automatic rollback without a new retrain")
 
 
 class MonitoringConfig(StrictModel):
@@ -600,6 +634,7 @@ class MonitoringConfig(StrictModel):
     alerts: AlertsConfig
     retrain: RetrainConfig
     ab: AbTestConfig
+    rollback: RollbackConfig
     pipeline: PipelineConfig
 
 

@@ -15,12 +15,13 @@ from redis import Redis
 from shared.clock import AcceleratedClock, Clock
 from shared.config import DataConfig, ModelConfig, MonitoringConfig
 from shared.lake import dataset_id
+from shared.modeltags import CANDIDATE_ALIAS
 from shared.pipeline import Pipeline, PipelineRunner, Step
 from shared.timeutil import MINUTE_MS, duration_ms, to_ms
 
 Source = Literal["simulate", "lake"]
 
-CANDIDATE = "candidate"
+CANDIDATE = CANDIDATE_ALIAS
 """Registry alias of a freshly trained model waiting for the offline gate."""
 
 
@@ -148,7 +149,7 @@ def submit_monitor(conn: Redis, data: DataConfig, monitoring: MonitoringConfig) 
 
 
 def gate_pipeline(data: DataConfig) -> Pipeline:
-    return Pipeline("gate", (Step("gate", "services.monitor.jobs.gate", data.queues.monitoring),))
+    return Pipeline("gate", (Step("gate", "services.monitor.gate.gate", data.queues.monitoring),))
 
 
 def submit_retrain(

@@ -25,8 +25,6 @@ AUDIT = f"{PREFIX}:monitor:audit"
 MONITOR_LATEST = f"{PREFIX}:monitor:latest"
 """JSON of the latest monitoring report (what the monitor's /metrics exports)."""
 
-MONITOR_FIRST_SERVED = f"{PREFIX}:monitor:first-served:{{version}}"
-"""Sim ms at which a model version was first seen serving (its reference waits for the warm-up)."""
 
 MONITOR_AB = f"{PREFIX}:monitor:ab"
 """JSON of the latest A/B test figures and decision."""
@@ -39,6 +37,25 @@ RETRAIN_PENDING = f"{PREFIX}:monitor:retrain-pending"
 
 RETRAIN_COOLDOWN = f"{PREFIX}:monitor:retrain-cooldown"
 """Set (NX, with a TTL) when a retrain starts: later alerts within the TTL start none."""
+
+RETRAIN_ACTIVE = f"{PREFIX}:monitor:retrain-active"
+"""JSON {dataset, train, gate, reason, at}: the run ids of the retrain in flight (its gate clears
+the candidate alias; a candidate outliving its gate run is stale)."""
+
+ROLLBACK_COOLDOWN = f"{PREFIX}:monitor:rollback-cooldown"
+"""Set (with a TTL) after an automatic rollback: no retrain starts while it exists."""
+
+
+def monitor_track(version: int) -> str:
+    """JSON of a champion version's track: warm-up, quality baseline, CUSUM, rollback watch."""
+    return f"{PREFIX}:monitor:track:{version}"
+
+
+def monitor_ab_state(version: int) -> str:
+    """JSON {since, state} of a challenger version's A/B test: when it started and the running
+    minima of its always-valid p-values."""
+    return f"{PREFIX}:monitor:ab-state:{version}"
+
 
 INGEST_REPORTS = f"{PREFIX}:ingest:reports"
 """Stream of per-batch validation reports (capped)."""

@@ -5,6 +5,8 @@
     <root>/quarantine/<kind>/date=YYYY-MM-DD/part-<batch>.parquet rejected input with reasons
     <root>/served/date=YYYY-MM-DD/hour=HH/part-<entry>.parquet    the ranker's impression log
     <root>/features/<feature_version>/<dataset_id>/...            offline datasets (see feature service)
+    <root>/monitoring/<run_id>/{serving.parquet,report.json,...}   one monitoring run's inputs and report
+    <root>/monitoring/baselines/v<version>.parquet                 a model version's drift reference
 
 Every file is written to a hidden temporary name and renamed into place, so a reader never sees a
 half-written file; Arrow datasets skip names starting with '.' or '_'. A file name carries its
@@ -105,6 +107,26 @@ class Lake:
 
     def quarantine_dir(self, kind: str) -> Path:
         return self.root / "quarantine" / kind
+
+    @property
+    def monitoring_dir(self) -> Path:
+        return self.root / "monitoring"
+
+    def monitoring_run_dir(self, run_id: str) -> Path:
+        """What one monitoring run reads and writes: its serving window, report and charts."""
+        return self.monitoring_dir / run_id
+
+    def serving_window_path(self, run_id: str) -> Path:
+        """Point-in-time features and labels of a run's serving window (feature step -> monitor)."""
+        return self.monitoring_run_dir(run_id) / "serving.parquet"
+
+    def baseline_path(self, version: int) -> Path:
+        """A model version's drift reference: rows of its first settled serving window."""
+        return self.monitoring_dir / "baselines" / f"v{version}.parquet"
+
+    def baseline_requests_path(self, version: int) -> Path:
+        """Requests collected for a version's quality baseline while it is being established."""
+        return self.monitoring_dir / "baselines" / f"v{version}.requests.parquet"
 
     # ------------------------------------------------------------------ writes
 

@@ -6,7 +6,9 @@ a pipeline creates a *run*: an id, a record in Redis, and one RQ job per step ch
 `depends_on`. Steps get retries with backoff and a timeout from config.
 
 A pipeline never runs twice at once: a run takes the pipeline's lock (SET NX with a TTL) and the
-last step's success, or any step's final failure, releases it. A lock whose run is already over
+last step's success, or any step's final failure, releases it. While a step runs, its worker
+renews the lock every third of its TTL, so a step longer than the TTL (a long training) keeps it;
+a run whose worker died stops renewing, and its lock expires. A lock whose run is already over
 (a crashed worker, an expired callback) is taken over rather than blocking forever.
 
 Step functions have the signature `step(params: dict, run_id: str) -> dict`; the returned summary
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -55,6 +58,12 @@ TERMINAL = {RUN_FINISHED, RUN_FAILED}
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not holder then return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) and 1 or 0 end
 return 0
 """
 
@@ -188,6 +197,7 @@ class PipelineRunner:
                 pipeline.name,
                 step.name,
                 job_id == job_ids[-1],
+                int(self.config.lock_ttl.total_seconds() * 1000),
                 job_id=job_id,
                 description=f"{pipeline.name}.{step.name} ({run_id})",
                 depends_on=previous,
@@ -293,10 +303,50 @@ def resolve(dotted: str) -> Callable[..., dict[str, Any]]:
     return func
 
 
+class LockKeeper:
+    """Renews a run's pipeline lock while one of its steps works (a context manager around the
+    step): every third of the TTL while the lock is this run's, taking it back if it expired
+    while the step waited in the queue (unless another run holds it by then)."""
+
+    def __init__(self, conn: Redis, pipeline: str, run_id: str, ttl_ms: int) -> None:
+        self.conn, self.key, self.run_id, self.ttl_ms = conn, keys.pipeline_lock(pipeline), run_id, ttl_ms
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pipeline-lock", daemon=True)
+        self.renewals = 0
+
+    def renew(self) -> bool:
+        kept = bool(self.conn.eval(_RENEW, 1, self.key, self.run_id, self.ttl_ms))
+        if not kept:
+            log.warning("pipeline_lock_lost", lock=self.key, run_id=self.run_id)
+        return kept
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.ttl_ms / 3000):
+            try:
+                self.renewals += int(self.renew())
+            except Exception as exc:  # a Redis hiccup: the next tick tries again, the step goes on
+                log.warning("pipeline_lock_renewal_failed", lock=self.key, error=repr(exc))
+
+    def __enter__(self) -> LockKeeper:
+        self.renew()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def execute_step(
-    func_path: str, params: dict[str, Any], run_id: str, pipeline: str, step: str, is_last: bool
+    func_path: str,
+    params: dict[str, Any],
+    run_id: str,
+    pipeline: str,
+    step: str,
+    is_last: bool,
+    lock_ttl_ms: int,
 ) -> dict[str, Any]:
-    """The job every step runs as: marks the run, times the step, stores its summary."""
+    """The job every step runs as: marks the run, keeps its lock, times the step, stores its summary."""
     job = get_current_job()
     assert job is not None, "execute_step runs inside an RQ job"
     conn = job.connection
@@ -305,7 +355,8 @@ def execute_step(
     bound.info("step_started")
     started = time.perf_counter()
     try:
-        summary = resolve(func_path)(params, run_id)
+        with LockKeeper(conn, pipeline, run_id, lock_ttl_ms):
+            summary = resolve(func_path)(params, run_id)
     except PermanentStepError as exc:
         job.retries_left = 0  # the worker reads this before deciding to retry
         STEP_OUTCOMES.labels(pipeline, step, "failed").inc()

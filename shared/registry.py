@@ -20,13 +20,30 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from shared.config import RegistryConfig
-
-HISTORY_TAG = "feedrank.champion_history"
-"""Registered-model tag: JSON list of the versions that were champion, oldest first."""
+from shared.modeltags import HISTORY_TAG, PROMOTED_AT_TAG
 
 
 class RegistryError(RuntimeError):
     """A registry operation cannot be done as asked (unknown version, nothing to roll back to)."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry did not answer (unreachable, 5xx, timeout): nothing can be concluded from it.
+
+    Never read as "no such alias": that would promote straight to champion, erase the rollback
+    history or unload a serving model because of a network blip."""
+
+
+_ABSENT_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+
+
+def is_absent(exc: MlflowException) -> bool:
+    """The registry answered, and the thing asked for does not exist (not an outage)."""
+    return exc.error_code in _ABSENT_CODES and "not found" in str(exc).lower()
+
+
+def _unavailable(exc: Exception, what: str) -> RegistryUnavailableError:
+    return RegistryUnavailableError(f"model registry unavailable while {what}: {exc}")
 
 
 @dataclass(frozen=True)
@@ -82,44 +99,81 @@ class Registry:
         )
 
     def versions(self) -> list[VersionInfo]:
-        """Every version, newest first."""
+        """Every version, newest first (none while the model is not registered yet)."""
         try:
             found = self.client.search_model_versions(f"name='{self.name}'")
-        except MlflowException:
-            return []
-        infos = [self._info(self.client.get_model_version(self.name, mv.version)) for mv in found]
+            infos = [self._info(self.client.get_model_version(self.name, mv.version)) for mv in found]
+        except MlflowException as exc:
+            if is_absent(exc):
+                return []
+            raise _unavailable(exc, "listing versions") from exc
+        except OSError as exc:
+            raise _unavailable(exc, "listing versions") from exc
         return sorted(infos, key=lambda v: v.version, reverse=True)
 
     def get(self, version: int) -> VersionInfo:
         try:
             return self._info(self.client.get_model_version(self.name, str(version)))
         except MlflowException as exc:
-            raise RegistryError(f"{self.name} has no version {version}") from exc
+            if is_absent(exc):
+                raise RegistryError(f"{self.name} has no version {version}") from exc
+            raise _unavailable(exc, f"reading version {version}") from exc
+        except OSError as exc:
+            raise _unavailable(exc, f"reading version {version}") from exc
 
     def by_alias(self, alias: str) -> VersionInfo | None:
+        """The version behind `alias`; None only when the registry says there is none."""
         try:
             return self._info(self.client.get_model_version_by_alias(self.name, alias))
-        except MlflowException:
-            return None
+        except MlflowException as exc:
+            if is_absent(exc):
+                return None
+            raise _unavailable(exc, f"reading alias {alias!r}") from exc
+        except OSError as exc:
+            raise _unavailable(exc, f"reading alias {alias!r}") from exc
 
     def set_alias(self, alias: str, version: int) -> None:
         self.get(version)  # fail clearly on an unknown version
-        self.client.set_registered_model_alias(self.name, alias, str(version))
+        try:
+            self.client.set_registered_model_alias(self.name, alias, str(version))
+        except (MlflowException, OSError) as exc:
+            raise _unavailable(exc, f"setting alias {alias!r}") from exc
 
     def remove_alias(self, alias: str) -> None:
         try:
             self.client.delete_registered_model_alias(self.name, alias)
-        except MlflowException:
-            return
+        except MlflowException as exc:
+            if is_absent(exc):
+                return
+            raise _unavailable(exc, f"removing alias {alias!r}") from exc
+        except OSError as exc:
+            raise _unavailable(exc, f"removing alias {alias!r}") from exc
+
+    def set_version_tag(self, version: int, key: str, value: str) -> None:
+        try:
+            self.client.set_model_version_tag(self.name, str(version), key, value)
+        except (MlflowException, OSError) as exc:
+            raise _unavailable(exc, f"tagging version {version}") from exc
 
     # ------------------------------------------------------------------ champion moves
 
     def history(self) -> list[int]:
+        """Versions that were champion, oldest first; empty only if the model is not registered."""
         try:
             tags = self.client.get_registered_model(self.name).tags or {}
-        except MlflowException:
-            return []
+        except MlflowException as exc:
+            if is_absent(exc):
+                return []
+            raise _unavailable(exc, "reading the champion history") from exc
+        except OSError as exc:
+            raise _unavailable(exc, "reading the champion history") from exc
         return [int(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))]
+
+    def _write_history(self, history: list[int]) -> None:
+        try:
+            self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history))
+        except (MlflowException, OSError) as exc:
+            raise _unavailable(exc, "writing the champion history") from exc
 
     def promote(self, version: int) -> VersionInfo | None:
         """Make `version` the champion; returns the previous champion (kept for rollback)."""
@@ -129,10 +183,8 @@ class Registry:
         if challenger is not None and challenger.version == version:
             self.remove_alias(self.config.challenger_alias)
         history = [v for v in self.history() if v != version] + [version]
-        self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history))
-        self.client.set_model_version_tag(
-            self.name, str(version), "feedrank.promoted_at", str(int(time.time()))
-        )
+        self._write_history(history)
+        self.set_version_tag(version, PROMOTED_AT_TAG, str(int(time.time())))
         return previous
 
     def rollback(self) -> tuple[int, int]:
@@ -145,7 +197,7 @@ class Registry:
             raise RegistryError(f"version {current.version} has no predecessor to roll back to")
         target = history[-1]
         self.set_alias(self.config.champion_alias, target)
-        self.client.set_registered_model_tag(self.name, HISTORY_TAG, json.dumps(history))
+        self._write_history(history)
         return current.version, target
 
     # ------------------------------------------------------------------ artifacts

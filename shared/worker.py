@@ -20,10 +20,10 @@ from shared.settings import Settings
 log = structlog.get_logger(__name__)
 
 STEP_MODULES = {
-    "ingest": "services.ingest.jobs",
-    "features": "services.feature.jobs",
-    "training": "services.trainer.jobs",
-    "monitoring": "services.monitor.jobs",
+    "ingest": ("services.ingest.jobs",),
+    "features": ("services.feature.jobs",),
+    "training": ("services.trainer.jobs",),
+    "monitoring": ("services.monitor.jobs", "services.monitor.gate"),
 }
 """Queue name (config default) -> the module whose steps it runs, imported once by the worker."""
 
@@ -43,8 +43,8 @@ def run_worker(
     """
     configure(settings.log_level, settings.log_format)
     for queue in queues:
-        if queue in STEP_MODULES:
-            importlib.import_module(STEP_MODULES[queue])
+        for module in STEP_MODULES.get(queue, ()):
+            importlib.import_module(module)
     if metrics_port:
         metrics.serve(metrics_port)
     conn = queue_redis(settings)

@@ -185,7 +185,7 @@ def build_serving_window(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     window = DatasetWindow(params["start_ms"], params["end_ms"], lookback, params["label_delay_ms"])
     events = the_lake.read_events(window.history_start_ms, window.end_ms)
     table, stats = build_examples(events, the_lake.read_catalog(), spec, window)
-    path = write_parquet_atomic(table, the_lake.root / "monitoring" / run_id / "serving.parquet")
+    path = write_parquet_atomic(table, the_lake.serving_window_path(run_id))
     return {
         "rows": table.num_rows,
         "window": f"{iso(window.start_ms)} .. {iso(window.examples_end_ms)}",

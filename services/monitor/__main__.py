@@ -97,16 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(json.loads(conn.get(keys.MONITOR_LATEST) or b"{}"), indent=2))
         return 0
     if args.command == "rollback":
-        from services.monitor import audit
+        from services.monitor.jobs import roll_back_champion
         from shared.registry import Registry, RegistryError
 
         registry = Registry(settings.mlflow_tracking_uri, settings.ranking_model_config().registry)
         try:
-            before, after = registry.rollback()
+            before, after = roll_back_champion(
+                conn, lake(settings), registry, settings.monitoring_config(), automatic=False
+            )
         except RegistryError as exc:
             print(exc, file=sys.stderr)
             return 1
-        audit.record(conn, lake(settings).root, "rolled_back", from_version=before, to_version=after)
         print(f"champion rolled back from version {before} to version {after}")
         return 0
     return 2

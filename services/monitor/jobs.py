@@ -1,54 +1,56 @@
-"""The monitor's pipeline steps: assess (drift, quality, alerts, report) and act (retrain, A/B
-decision); and the offline gate of the retraining DAG."""
+"""The monitor's pipeline steps, thin I/O around the pure assessment (assess.py) and decision rules
+(rules.py): `assess` judges the serving window, `act` turns its alerts into retrains, rollbacks and
+A/B decisions. (The retraining DAG's offline gate is gate.py.)
+
+A registry that does not answer fails the step (RQ retries it); it is never read as "no alias",
+so nothing is promoted, erased or retrained because a lookup failed.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnxruntime as ort
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import structlog
-from scipy.stats import norm
+from redis import Redis
 
 from services.monitor import alerts, audit, report
 from services.monitor.assess import (
-    NOT_ENOUGH,
-    WARMING_UP,
+    CHAMPION_VARIANT,
     Assessment,
-    QualityFigures,
-    feature_drift,
+    ChampionMemory,
+    arm_samples,
+    assess_window,
     join_served,
-    ks_at_entity_size,
-    oracle_expected_clicks,
-    quality,
-    sample,
 )
-from services.monitor.stats import psi, two_proportion_test
+from services.monitor.rules import (
+    AbState,
+    ArmSample,
+    ChampionTrack,
+    QualityBaseline,
+    RequestSample,
+    RollbackWatch,
+    decide_ab,
+    stale_candidate,
+)
 from shared import keys
 from shared.clock import AcceleratedClock
 from shared.config import DataConfig, ModelConfig, MonitoringConfig
 from shared.connections import lake, queue_redis
-from shared.dags import CANDIDATE, submit_retrain
-from shared.evaluation import auc, log_loss, ndcg_at_k
-from shared.features import ID_COLUMNS, FeatureSpec
-from shared.lake import Lake, write_json_atomic, write_parquet_atomic
-from shared.pipeline import PermanentStepError
+from shared.dags import submit_retrain
+from shared.features import FeatureSpec
+from shared.lake import Lake, write_parquet_atomic
+from shared.modeltags import AB_RESULT_TAG, CANDIDATE_ALIAS, CHALLENGER_SINCE_TAG, GATE_TAG, PIPELINE_RUN_TAG
+from shared.pipeline import PipelineRunner
 from shared.registry import Registry, VersionInfo
 from shared.settings import Settings, get_settings
 from shared.timeutil import duration_ms, iso
-from shared.world import World
 from shared.world.runtime import live_world
 
 log = structlog.get_logger(__name__)
-
-CHALLENGER_SINCE = "feedrank.challenger_since_ms"
-"""Version tag: sim time at which the version started serving as challenger."""
 
 
 def _configs() -> tuple[Settings, DataConfig, ModelConfig, MonitoringConfig]:
@@ -60,176 +62,90 @@ def _registry(settings: Settings, model: ModelConfig) -> Registry:
     return Registry(settings.mlflow_tracking_uri, model.registry)
 
 
-def baseline_path(the_lake: Lake, version: int) -> Path:
-    return the_lake.root / "monitoring" / "baselines" / f"v{version}.parquet"
+# --------------------------------------------------------------------------- champion memory
+
+
+def _request_table(sample: RequestSample) -> pa.Table:
+    return pa.table(
+        {"user_id": sample.users, "ts": sample.ts, "clicks": sample.clicks, "expected": sample.expected}
+    )
+
+
+def _request_sample(table: pa.Table) -> RequestSample:
+    return RequestSample(
+        table["user_id"].to_numpy().astype("int64"),
+        table["ts"].to_numpy().astype("int64"),
+        table["clicks"].to_numpy().astype("float64"),
+        table["expected"].to_numpy().astype("float64"),
+    )
+
+
+def load_memory(conn: Redis, the_lake: Lake, version: int) -> ChampionMemory:
+    raw = conn.get(keys.monitor_track(version))
+    track = ChampionTrack.from_dict(json.loads(raw)) if raw else None
+    pending_path, reference_path = the_lake.baseline_requests_path(version), the_lake.baseline_path(version)
+    pending = _request_sample(pq.read_table(pending_path)) if pending_path.exists() else RequestSample.empty()
+    reference = pq.read_table(reference_path) if reference_path.exists() else None
+    return ChampionMemory(track, pending, reference)
+
+
+def save_memory(conn: Redis, the_lake: Lake, memory: ChampionMemory, new_reference: bool) -> None:
+    if memory.track is None:
+        return
+    version = memory.track.version
+    if new_reference and memory.reference is not None:
+        write_parquet_atomic(memory.reference, the_lake.baseline_path(version))
+    pending_path = the_lake.baseline_requests_path(version)
+    if len(memory.pending_baseline):
+        write_parquet_atomic(_request_table(memory.pending_baseline), pending_path)
+    else:
+        pending_path.unlink(missing_ok=True)
+    conn.set(keys.monitor_track(version), json.dumps(memory.track.as_dict()))
+
+
+def forget_champion(conn: Redis, the_lake: Lake, version: int) -> None:
+    """A version (re)starting as champion is warmed up and measured afresh: its serving conditions
+    (share of traffic, the world) changed since any earlier baseline."""
+    conn.delete(keys.monitor_track(version))
+    the_lake.baseline_path(version).unlink(missing_ok=True)
+    the_lake.baseline_requests_path(version).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- assess
 
 
 def assess(params: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """Drift and quality of the serving window against each version's own serving baseline."""
+    """Drift and quality of the serving window against the champion's own settled serving."""
     settings, data, model, monitoring = _configs()
-    the_lake = lake(settings)
-    conn = queue_redis(settings)
-    spec = FeatureSpec.from_config(data)
-    window = {"start": iso(params["start_ms"]), "end": iso(params["end_ms"] - params["label_delay_ms"])}
-    examples = pq.read_table(the_lake.root / "monitoring" / run_id / "serving.parquet")
-    served = the_lake.read_served(params["start_ms"], params["end_ms"])
-    joined = join_served(examples, served)
+    the_lake, conn = lake(settings), queue_redis(settings)
+    start_ms, end_ms = params["start_ms"], params["end_ms"] - params["label_delay_ms"]
+    examples = pq.read_table(the_lake.serving_window_path(run_id))
+    joined = join_served(examples, the_lake.read_served(params["start_ms"], params["end_ms"]))
     champion = _registry(settings, model).by_alias(model.registry.champion_alias)
-    result = Assessment(run_id, window, "ok", joined.num_rows, champion.version if champion else None)
-    model_rows = joined.filter(pc.is_valid(joined["model_version"])) if joined.num_rows else joined
-    if champion is None or model_rows.num_rows < monitoring.windows.min_impressions:
-        result.status = NOT_ENOUGH
-        return _finish(conn, the_lake, result, settings, monitoring)
-
-    world = live_world(data, conn)
-    result.quality = quality(model_rows, world, monitoring)
-    warmup_ms = int(monitoring.windows.baseline_warmup.total_seconds() * 1000)
-    for version in sorted({q.model_version for q in result.quality}):
-        rows = model_rows.filter(pc.equal(model_rows["model_version"], version))
-        path = baseline_path(the_lake, version)
-        if not path.exists():
-            if params["start_ms"] < first_served_ms(conn, version, rows) + warmup_ms:
-                if version == champion.version:
-                    result.status = WARMING_UP
-                continue
-            write_parquet_atomic(sample(rows, monitoring.windows.reference_rows), path)
-            if version == champion.version:
-                result.status = "baseline_established"
-            continue
-        baseline = pq.read_table(path)
-        current = sample(rows, monitoring.windows.reference_rows)
-        if version == champion.version:
-            result.features = feature_drift(baseline, current, spec.dense_names, monitoring)
-            result.baseline_clicks, result.baseline_expected_clicks = baseline_clicks(path, baseline, world)
-            result.baseline_ctr_ratio = result.baseline_clicks / max(result.baseline_expected_clicks, 1e-9)
-        key = f"{rows['variant'][0].as_py()}/{version}"
-        result.prediction_psi[key] = psi(
-            baseline["score"].to_numpy(), current["score"].to_numpy(), monitoring.drift.psi_bins
-        )
-        result.prediction_significant[key] = ks_at_entity_size(
-            baseline, current, "score", "item_id", monitoring
-        ).drifted
-    champion_quality = result.champion_quality()
-    if champion_quality is not None and result.baseline_ctr_ratio:
-        result.ctr_shortfall_p = click_shortfall_p(
-            champion_quality, result.baseline_clicks, result.baseline_expected_clicks
-        )
-    result.alerts = _alerts(result, monitoring, window)
-    return _finish(conn, the_lake, result, settings, monitoring)
-
-
-def baseline_clicks(path: Path, baseline: pa.Table, world: World) -> tuple[int, float]:
-    """A baseline's clicks and oracle-expected clicks: computed once (a loop over its requests and
-    the live catalog), then read from beside the baseline, which never changes."""
-    figures_path = path.with_suffix(".clicks.json")
-    if figures_path.exists():
-        figures = json.loads(figures_path.read_text())
-    else:
-        figures = {
-            "clicks": int(pc.sum(baseline["label"]).as_py()),
-            "oracle_expected_clicks": oracle_expected_clicks(baseline, world),
-        }
-        write_json_atomic(figures, figures_path)
-    return int(figures["clicks"]), float(figures["oracle_expected_clicks"])
-
-
-def first_served_ms(conn: Any, version: int, rows: pa.Table) -> int:
-    """Sim time a version was first seen serving (kept in Redis: windows slide past it)."""
-    seen = int(pc.min(rows["ts"]).as_py())
-    conn.set(keys.MONITOR_FIRST_SERVED.format(version=version), seen, nx=True)
-    return int(conn.get(keys.MONITOR_FIRST_SERVED.format(version=version)) or seen)
-
-
-def click_shortfall_p(figures: QualityFigures, baseline_clicks: int, baseline_expected: float) -> float:
-    """One-sided p-value that the window's ratio (clicks per oracle-expected click) is lower than
-    the baseline's, both counted as Poisson (normal approximation): a small window's dip, or a
-    lucky baseline, is noise, not a degraded model."""
-    if figures.oracle_expected_clicks <= 0 or baseline_expected <= 0:
-        return 1.0
-    now = figures.clicks / figures.oracle_expected_clicks
-    before = baseline_clicks / baseline_expected
-    variance = (
-        max(figures.clicks, 1) / figures.oracle_expected_clicks**2
-        + max(baseline_clicks, 1) / baseline_expected**2
+    version = champion.version if champion is not None else None
+    memory = (
+        load_memory(conn, the_lake, version)
+        if version is not None
+        else ChampionMemory(None, RequestSample.empty(), None)
     )
-    return float(norm.cdf((now - before) / np.sqrt(variance)))
-
-
-def _alerts(result: Assessment, monitoring: MonitoringConfig, window: dict[str, Any]) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    cfg = monitoring.drift
-    drifted = [f for f in result.features if f.level == "alert"]
-    for f in result.features:
-        if f.level != "ok":
-            threshold = cfg.thresholds(f.feature)
-            found.append(
-                alerts.alert(
-                    "warning",
-                    "feature_drift",
-                    f.feature,
-                    f.psi,
-                    threshold.psi_alert if f.level == "alert" else threshold.psi_warning,
-                    window,
-                    ks=f.ks,
-                    ks_critical=f.ks_critical,
-                    level=f.level,
-                )
-            )
-    if len(drifted) >= cfg.alert_features:
-        found.append(
-            alerts.alert(
-                "alert",
-                "feature_drift",
-                ",".join(f.feature for f in drifted),
-                len(drifted),
-                cfg.alert_features,
-                window,
-                model_version=result.champion_version,
-            )
+    outcome = assess_window(
+        run_id, start_ms, end_ms, joined, live_world(data, conn),
+        FeatureSpec.from_config(data).dense_names, version, memory, monitoring,
+    )  # fmt: skip
+    save_memory(conn, the_lake, outcome.memory, outcome.new_reference)
+    requests = outcome.requests.get((CHAMPION_VARIANT, version or 0))
+    if requests is not None:  # the champion's level now: a promotion's rollback reference
+        write_parquet_atomic(
+            _request_table(requests), the_lake.monitoring_run_dir(run_id) / "champion.parquet"
         )
-    for key, value in result.prediction_psi.items():
-        if value >= cfg.prediction_psi_warning:
-            severity = (
-                "alert"
-                if value >= cfg.prediction_psi_alert
-                and key.startswith("champion/")
-                and result.prediction_significant.get(key, False)
-                else "warning"
-            )
-            found.append(
-                alerts.alert(severity, "prediction_drift", key, value, cfg.prediction_psi_alert, window)
-            )
-    champion_quality = result.champion_quality()
-    if champion_quality is not None and result.baseline_ctr_ratio and result.ctr_shortfall_p is not None:
-        floor = result.baseline_ctr_ratio * (1 - monitoring.quality.ctr_ratio_drop_alert)
-        if champion_quality.ctr_ratio < floor and result.ctr_shortfall_p < monitoring.quality.alpha:
-            found.append(
-                alerts.alert(
-                    "alert",
-                    "quality",
-                    "ctr_ratio",
-                    champion_quality.ctr_ratio,
-                    floor,
-                    window,
-                    baseline=result.baseline_ctr_ratio,
-                    p_value=result.ctr_shortfall_p,
-                    model_version=result.champion_version,
-                )
-            )
-    for record in found:
-        record["monitor_run"] = result.run_id  # the run (and its report) behind the alert
-    return found
+    return _finish(conn, the_lake, outcome.assessment, settings, monitoring)
 
 
 def _finish(
-    conn: Any, the_lake: Lake, result: Assessment, settings: Settings, monitoring: MonitoringConfig
+    conn: Redis, the_lake: Lake, result: Assessment, settings: Settings, monitoring: MonitoringConfig
 ) -> dict[str, Any]:
     document = {**result.as_dict(), "finished_at": time.time()}
-    directory = the_lake.root / "monitoring" / result.run_id
-    report.write(document, directory)
+    report.write(document, the_lake.monitoring_run_dir(result.run_id))
     conn.set(keys.MONITOR_LATEST, json.dumps(document, default=float))
     alerts.publish(conn, result.alerts, monitoring.alerts, settings.alert_webhook_url)
     return {
@@ -237,6 +153,7 @@ def _finish(
         "impressions": result.impressions,
         "alerts": [a["kind"] for a in result.alerts if a["severity"] == "alert"],
         "warnings": len([a for a in result.alerts if a["severity"] == "warning"]),
+        "cusum": (result.quality_look or {}).get("statistic"),
     }
 
 
@@ -244,51 +161,73 @@ def _finish(
 
 
 def act(params: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """Start a retrain on an alert (once per cooldown), and decide a running A/B test."""
+    """Roll back a promotion that made users worse off; clear a stale candidate; start a retrain on
+    an alert (once per cooldown, after the retrain delay); decide a running A/B test."""
     settings, data, model, monitoring = _configs()
-    conn = queue_redis(settings)
-    the_lake = lake(settings)
-    latest = json.loads(conn.get(keys.MONITOR_LATEST) or b"{}")
-    outcome: dict[str, Any] = {}
+    conn, the_lake = queue_redis(settings), lake(settings)
     registry = _registry(settings, model)
-    challenger = registry.by_alias(model.registry.challenger_alias)
-    candidate = registry.by_alias(CANDIDATE)
+    latest = json.loads(conn.get(keys.MONITOR_LATEST) or b"{}")
     firing = (
         [a for a in latest.get("alerts", []) if a["severity"] == "alert"]
         if latest.get("run_id") == run_id
         else []
     )
     now = AcceleratedClock.shared(conn, data).now_ms()
+    outcome: dict[str, Any] = {}
+
+    if any(a["kind"] == "promotion_regression" for a in firing):
+        outcome["rollback"] = _roll_back(conn, the_lake, registry, monitoring, run_id, firing)
+    candidate = registry.by_alias(CANDIDATE_ALIAS)
+    if candidate is not None:
+        stale = _clear_stale_candidate(conn, the_lake, registry, data, candidate, monitoring)
+        if stale is not None:
+            outcome["stale_candidate"] = stale
+            candidate = None
+    challenger = registry.by_alias(model.registry.challenger_alias)
     pending = json.loads(conn.get(keys.RETRAIN_PENDING) or b"null")
-    if firing and challenger is None and candidate is None and pending is None:
-        cooldown = int(monitoring.retrain.cooldown.total_seconds())
-        if conn.set(keys.RETRAIN_COOLDOWN, run_id, nx=True, ex=cooldown):
-            reason = "; ".join(f"{a['kind']}:{a['what']}" for a in firing)
-            pending = {
-                "reason": reason,
-                "due_ms": now + duration_ms(monitoring.retrain.delay),
-                "monitor_run": run_id,
-            }
-            conn.set(keys.RETRAIN_PENDING, json.dumps(pending))
-            audit.record(
-                conn, the_lake.root, "retrain_scheduled", reason=reason, due=iso(pending["due_ms"]),
-                monitor_run=run_id,
-            )  # fmt: skip
-            outcome["retrain"] = "scheduled"
-        else:
-            outcome["retrain"] = "cooldown"
+    triggers = [a for a in firing if a["kind"] in monitoring.retrain.triggers]
+    if triggers and challenger is None and candidate is None and pending is None:
+        outcome["retrain"], pending = _schedule_retrain(conn, the_lake, monitoring, run_id, triggers, now)
     if pending is not None:
         started = _start_due_retrain(conn, the_lake, pending, now, data, model, monitoring)
         if started != "waiting" or "retrain" not in outcome:  # keep "scheduled" on the alert's run
             outcome["retrain"] = started
     if challenger is not None:
-        outcome["ab"] = decide_ab(conn, the_lake, registry, model, monitoring, challenger, data)
+        outcome["ab"] = _decide_ab(conn, the_lake, registry, model, monitoring, challenger, data, now, run_id)
         conn.set(keys.MONITOR_AB, json.dumps({**outcome["ab"], "at": time.time()}, default=float))
     return outcome
 
 
+def _schedule_retrain(
+    conn: Redis,
+    the_lake: Lake,
+    monitoring: MonitoringConfig,
+    run_id: str,
+    firing: list[dict[str, Any]],
+    now: int,
+) -> tuple[str, dict[str, Any] | None]:
+    if conn.exists(keys.ROLLBACK_COOLDOWN):
+        return "rollback_cooldown", None
+    cooldown = int(monitoring.retrain.cooldown.total_seconds())
+    if not conn.set(keys.RETRAIN_COOLDOWN, run_id, nx=True, ex=cooldown):
+        return "cooldown", None
+    reason = "; ".join(f"{a['kind']}:{a['what']}" for a in firing)
+    due_ms = now + duration_ms(monitoring.retrain.delay)
+    pending: dict[str, Any] = {"reason": reason, "due_ms": due_ms, "monitor_run": run_id}
+    conn.set(keys.RETRAIN_PENDING, json.dumps(pending))
+    audit.record(
+        conn,
+        the_lake.root,
+        "retrain_scheduled",
+        reason=reason,
+        due=iso(due_ms),
+        monitor_run=run_id,
+    )
+    return "scheduled", pending
+
+
 def _start_due_retrain(
-    conn: Any,
+    conn: Redis,
     the_lake: Lake,
     pending: dict[str, Any],
     now: int,
@@ -303,6 +242,7 @@ def _start_due_retrain(
     if runs is None:
         return "busy"
     conn.delete(keys.RETRAIN_PENDING)
+    conn.set(keys.RETRAIN_ACTIVE, json.dumps({**runs, "reason": pending["reason"], "at": time.time()}))
     audit.record(
         conn, the_lake.root, "retrain_triggered", reason=pending["reason"], runs=runs,
         monitor_run=pending["monitor_run"],
@@ -310,167 +250,149 @@ def _start_due_retrain(
     return runs
 
 
-def ab_counts(the_lake: Lake, since_ms: int, until_ms: int) -> dict[tuple[str, int], tuple[int, int]]:
-    """(impressions, clicks) per (variant, model version) of served slots in [since, until)."""
-    served = the_lake.read_served(since_ms, until_ms)
-    served = served.filter(pc.is_valid(served["model_version"]))
-    if served.num_rows == 0:
-        return {}
-    events = the_lake.read_events(since_ms, until_ms + 3_600_000, ["event_type", "request_id", "position"])
-    clicks = events.filter(pc.equal(events["event_type"], "click")).select(["request_id", "position"])
-    clicks = clicks.append_column("clicked", pa.array(np.ones(clicks.num_rows, dtype=np.int8)))
-    joined = served.join(clicks, keys=["request_id", "position"], join_type="left outer")
-    clicked = pc.fill_null(joined["clicked"], 0).to_numpy()
-    variants = joined["variant"].to_numpy(zero_copy_only=False)
-    versions = joined["model_version"].to_numpy()
-    counts: dict[tuple[str, int], tuple[int, int]] = {}
-    for variant, version in set(zip(variants, versions, strict=True)):
-        mask = (variants == variant) & (versions == version)
-        counts[(str(variant), int(version))] = (int(mask.sum()), int(clicked[mask].sum()))
-    return counts
+def _clear_stale_candidate(
+    conn: Redis,
+    the_lake: Lake,
+    registry: Registry,
+    data: DataConfig,
+    candidate: VersionInfo,
+    monitoring: MonitoringConfig,
+) -> dict[str, Any] | None:
+    """A candidate whose gate crashed, timed out or never ran would block retraining forever:
+    clear it, tag it, audit it, and schedule the retrain again (now, without a new alert)."""
+    active = json.loads(conn.get(keys.RETRAIN_ACTIVE) or b"{}")
+    gate_status = None
+    if active.get("train") == candidate.tags.get(PIPELINE_RUN_TAG) and active.get("gate"):
+        gate_status = PipelineRunner(conn, monitoring.pipeline).run_status(active["gate"])
+    age_ms = int(time.time() * 1000) - candidate.created_ms
+    why = stale_candidate(gate_status, age_ms, duration_ms(monitoring.retrain.candidate_timeout))
+    if why is None:
+        return None
+    registry.remove_alias(CANDIDATE_ALIAS)
+    registry.set_version_tag(candidate.version, GATE_TAG, "stale")
+    now = AcceleratedClock.shared(conn, data).now_ms()
+    reason = f"retry after stale candidate v{candidate.version}"
+    conn.set(keys.RETRAIN_PENDING, json.dumps({"reason": reason, "due_ms": now, "monitor_run": None}))
+    audit.record(
+        conn, the_lake.root, "stale_candidate_cleared", candidate_version=candidate.version, why=why,
+        gate_run=active.get("gate"), gate_status=gate_status,
+    )  # fmt: skip
+    return {"version": candidate.version, "why": why}
 
 
-def decide_ab(
-    conn: Any,
+def _roll_back(
+    conn: Redis,
+    the_lake: Lake,
+    registry: Registry,
+    monitoring: MonitoringConfig,
+    run_id: str,
+    firing: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The promoted champion does worse than the one it replaced: put the previous one back."""
+    alert = next(a for a in firing if a["kind"] == "promotion_regression")
+    before, after = roll_back_champion(
+        conn, the_lake, registry, monitoring, automatic=True, ctr_ratio=alert["value"],
+        reference_ratio=alert.get("reference_ratio"), cusum=alert.get("cusum"), monitor_run=run_id,
+    )  # fmt: skip
+    return {"from_version": before, "to_version": after}
+
+
+def roll_back_champion(
+    conn: Redis, the_lake: Lake, registry: Registry, monitoring: MonitoringConfig, automatic: bool, **why: Any
+) -> tuple[int, int]:
+    """The one rollback, by hand (CLI) or by the monitor: champion back to the previous champion,
+    both versions' tracks forgotten (each starts afresh when it serves as champion), a cooldown
+    in which no retrain starts, and an audit entry."""
+    before, after = registry.rollback()
+    forget_champion(conn, the_lake, before)
+    forget_champion(conn, the_lake, after)
+    conn.set(keys.ROLLBACK_COOLDOWN, "1", ex=max(1, int(monitoring.rollback.cooldown.total_seconds())))
+    audit.record(
+        conn, the_lake.root, "rolled_back", automatic=automatic, from_version=before, to_version=after, **why
+    )
+    return before, after
+
+
+def _decide_ab(
+    conn: Redis,
     the_lake: Lake,
     registry: Registry,
     model: ModelConfig,
     monitoring: MonitoringConfig,
     challenger: VersionInfo,
     data: DataConfig,
+    now: int,
+    run_id: str,
 ) -> dict[str, Any]:
-    """Two-proportion test on online CTR; promote, reject, or keep testing."""
+    """The A/B rule on every user served since the challenger started; promote, reject or wait."""
     champion = registry.by_alias(model.registry.champion_alias)
     if champion is None:
         registry.promote(challenger.version)
+        audit.record(
+            conn, the_lake.root, "promoted", challenger_version=challenger.version, why="no champion"
+        )
         return {"decision": "promoted", "why": "no champion"}
-    now = AcceleratedClock.shared(conn, data).now_ms()
-    since = int(challenger.tags.get(CHALLENGER_SINCE, "0") or 0)
-    until = now - int(monitoring.windows.label_delay.total_seconds() * 1000)
-    counts = ab_counts(the_lake, since, until)
-    control = counts.get(("champion", champion.version), (0, 0))
-    treatment = counts.get(("challenger", challenger.version), (0, 0))
-    test = two_proportion_test(control[1], control[0], treatment[1], treatment[0])
+    since = int(challenger.tags.get(CHALLENGER_SINCE_TAG, "0") or 0)
+    until = now - duration_ms(monitoring.windows.label_delay)
+    served = the_lake.read_served(since, until)
+    engagements = the_lake.read_events(since, until + duration_ms(data.features.label_window),
+                                       ["event_type", "request_id", "position"])  # fmt: skip
+    arms = arm_samples(served, engagements)
+    control = arms.get(("champion", champion.version), ArmSample.empty())
+    treatment = arms.get(("challenger", challenger.version), ArmSample.empty())
+    state_key = keys.monitor_ab_state(challenger.version)
+    saved = json.loads(conn.get(state_key) or b"{}")
+    # one experiment per (version, start): a version tested again starts from a clean slate
+    state = AbState.from_dict(saved["state"]) if saved.get("since") == since else AbState()
+    state, decision = decide_ab(state, control, treatment, max(0, until - since), monitoring.ab)
+    conn.set(state_key, json.dumps({"since": since, "state": state.as_dict()}))
     figures = {
         "champion_version": champion.version,
         "challenger_version": challenger.version,
-        "champion_impressions": control[0],
-        "champion_clicks": control[1],
-        "challenger_impressions": treatment[0],
-        "challenger_clicks": treatment[1],
-        "champion_ctr": test.control_rate,
-        "challenger_ctr": test.treatment_rate,
-        "lift": test.lift,
-        "z": test.z,
-        "p_value": test.p_value,
+        **decision.figures,
+        "why": decision.why,
     }
-    cfg = monitoring.ab
-    if min(control[0], treatment[0]) < cfg.min_impressions:
-        return {"decision": "collecting", **figures}
-    if test.p_value < cfg.alpha:
+    if decision.decision == "promote":
+        reference = _champion_level(the_lake, run_id)
         registry.promote(challenger.version)
-        registry.client.set_model_version_tag(
-            registry.name, str(challenger.version), "feedrank.ab_result", "won"
-        )
-        audit.record(conn, the_lake.root, "promoted", **figures, alpha=cfg.alpha)
+        registry.set_version_tag(challenger.version, AB_RESULT_TAG, "won")
+        _start_probation(conn, the_lake, challenger.version, champion.version, reference, now, monitoring)
+        audit.record(conn, the_lake.root, "promoted", **figures)
         return {"decision": "promoted", **figures}
-    if min(control[0], treatment[0]) >= cfg.max_impressions:
+    if decision.decision == "reject":
         registry.remove_alias(model.registry.challenger_alias)
-        registry.client.set_model_version_tag(
-            registry.name, str(challenger.version), "feedrank.ab_result", "lost"
-        )
-        audit.record(conn, the_lake.root, "challenger_rejected", **figures, alpha=cfg.alpha)
+        registry.set_version_tag(challenger.version, AB_RESULT_TAG, "lost")
+        audit.record(conn, the_lake.root, "challenger_rejected", **figures)
         return {"decision": "rejected", **figures}
     return {"decision": "collecting", **figures}
 
 
-# --------------------------------------------------------------------------- gate
+def _champion_level(the_lake: Lake, run_id: str) -> QualityBaseline | None:
+    """The outgoing champion's clicks per oracle-expected click in this run's window."""
+    path = the_lake.monitoring_run_dir(run_id) / "champion.parquet"
+    if not path.exists():
+        return None
+    requests = _request_sample(pq.read_table(path))
+    if not len(requests):
+        return None
+    return QualityBaseline.from_requests(requests, int(requests.ts.min()), int(requests.ts.max()) + 1)
 
 
-def _onnx_scores(
-    registry: Registry, version: int, directory: Path, dense: np.ndarray, ids: dict[str, np.ndarray]
-) -> np.ndarray:
-    path = registry.download(version, directory / f"v{version}")
-    session = ort.InferenceSession(str(path / "model.onnx"), providers=["CPUExecutionProvider"])
-    feeds = {"dense": np.ascontiguousarray(dense, dtype=np.float32), **{c: ids[c] for c in ID_COLUMNS}}
-    (scores,) = session.run(["score"], feeds)
-    return np.asarray(scores, dtype=np.float64)
-
-
-def holdout_metrics(
-    registry: Registry, version: int, table: pa.Table, dense_names: list[str], workdir: Path, k: int
-) -> dict[str, float]:
-    dense = np.column_stack([table[c].to_numpy().astype(np.float32) for c in dense_names])
-    ids = {c: table[c].to_numpy().astype(np.int64) for c in ID_COLUMNS}
-    labels = table["label"].to_numpy().astype(np.float64)
-    requests = pc.dictionary_encode(table["request_id"]).combine_chunks().indices.to_numpy()
-    served = _onnx_scores(registry, version, workdir, dense, ids)
-    top = dense.copy()
-    top[:, dense_names.index("position")] = 0
-    ranking = _onnx_scores(registry, version, workdir, top, ids)
-    return {
-        "ndcg": ndcg_at_k(requests, labels, ranking, k),
-        "auc": auc(labels, ranking),
-        "log_loss": log_loss(labels, served),
-    }
-
-
-def gate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """Challenger against champion on the same fresh holdout; pass -> serve it to the A/B share."""
-    settings, data, model, monitoring = _configs()
-    conn = queue_redis(settings)
-    the_lake = lake(settings)
-    registry = _registry(settings, model)
-    candidate = next(
-        (v for v in registry.versions() if v.tags.get("feedrank.pipeline_run") == params["train_run"]), None
+def _start_probation(
+    conn: Redis,
+    the_lake: Lake,
+    version: int,
+    previous: int,
+    reference: QualityBaseline | None,
+    now: int,
+    monitoring: MonitoringConfig,
+) -> None:
+    """The new champion starts a track of its own, watched against the champion it replaced."""
+    forget_champion(conn, the_lake, version)
+    watch = (
+        RollbackWatch(previous, reference, now, now + duration_ms(monitoring.rollback.probation))
+        if reference is not None
+        else None
     )
-    if candidate is None:
-        raise PermanentStepError(f"no model version was registered by {params['train_run']}")
-    champion = registry.by_alias(model.registry.champion_alias)
-    if champion is None:
-        registry.promote(candidate.version)
-        registry.remove_alias(CANDIDATE)
-        audit.record(
-            conn, the_lake.root, "gate_passed", candidate_version=candidate.version, why="no champion"
-        )
-        return {"decision": "promoted", "version": candidate.version}
-    dataset = the_lake.features_dir / candidate.tags["feature_version"] / candidate.tags["dataset_id"]
-    manifest = json.loads((dataset / "manifest.json").read_text())
-    holdout = pq.read_table(dataset / "test.parquet")
-    k = model.evaluation.ndcg_k
-    workdir = the_lake.root / "monitoring" / "gate" / run_id
-    if champion.tags.get("feature_version") != candidate.tags.get("feature_version"):
-        raise PermanentStepError(
-            f"champion v{champion.version} and candidate v{candidate.version} use different feature "
-            "versions; promote by hand after an offline comparison"
-        )
-    mine = holdout_metrics(registry, candidate.version, holdout, manifest["dense"], workdir, k)
-    theirs = holdout_metrics(registry, champion.version, holdout, manifest["dense"], workdir, k)
-    gate_cfg = monitoring.retrain.gate
-    passed = (
-        mine["ndcg"] >= theirs["ndcg"] + gate_cfg.ndcg_margin
-        and mine["auc"] >= theirs["auc"] + gate_cfg.auc_margin
-        and mine["log_loss"] <= theirs["log_loss"] + gate_cfg.log_loss_tolerance
-    )
-    figures = {
-        "candidate_version": candidate.version,
-        "champion_version": champion.version,
-        "holdout": manifest["dataset_id"],
-        "holdout_rows": holdout.num_rows,
-        **{f"candidate_{k_}": v for k_, v in mine.items()},
-        **{f"champion_{k_}": v for k_, v in theirs.items()},
-    }
-    registry.remove_alias(CANDIDATE)
-    if passed:
-        now = AcceleratedClock.shared(conn, data).now_ms()
-        registry.set_alias(model.registry.challenger_alias, candidate.version)
-        registry.client.set_model_version_tag(
-            registry.name, str(candidate.version), CHALLENGER_SINCE, str(now)
-        )
-        audit.record(conn, the_lake.root, "gate_passed", **figures, margins=gate_cfg.model_dump())
-    else:
-        registry.client.set_model_version_tag(
-            registry.name, str(candidate.version), "feedrank.gate", "failed"
-        )
-        audit.record(conn, the_lake.root, "gate_failed", **figures, margins=gate_cfg.model_dump())
-    return {"decision": "challenger" if passed else "rejected", **figures}
+    track = ChampionTrack(version, now, rollback=watch)
+    conn.set(keys.monitor_track(version), json.dumps(track.as_dict()))

@@ -22,13 +22,14 @@ import structlog
 
 from shared.config import ServingModelsConfig
 from shared.features import ID_COLUMNS, TASTE_SPANS, USER_TOPIC_MEASURES, FeatureSpec
-from shared.registry import Registry, VersionInfo
+from shared.registry import Registry, RegistryError, VersionInfo
 
 log = structlog.get_logger(__name__)
 
 
 class ModelRejectedError(RuntimeError):
-    """A version that cannot serve: wrong contract, wrong feature version, or insane scores."""
+    """A version that cannot serve: wrong contract, wrong feature version, or insane scores.
+    Refused for good; any other failure to load (a download, the registry) is retried."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ class ModelManager:
         self.spec = spec
         self.config = config
         self.models: dict[str, ServedModel] = {}
-        self.refused: dict[int, str] = {}  # version -> why it was refused (not retried)
+        self.refused: dict[int, str] = {}  # version -> why it failed its checks (never retried)
+        self.failing: dict[int, tuple[int, float, str]] = {}  # version -> (failures, next try, error)
         self._on_change = on_change or (lambda alias, model, outcome: None)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -127,8 +129,15 @@ class ModelManager:
 
     def load(self, alias: str, info: VersionInfo) -> ServedModel:
         directory = self.model_dir(info.version)
-        contract = Registry.contract(directory)
-        session = load_session(directory / "model.onnx", self.config)
+        try:
+            contract = Registry.contract(directory)
+        except RegistryError as exc:
+            raise ModelRejectedError(f"version {info.version}: {exc}") from exc
+        try:
+            session = load_session(directory / "model.onnx", self.config)
+        except Exception:
+            shutil.rmtree(directory, ignore_errors=True)  # the next attempt downloads it afresh
+            raise
         model = ServedModel(
             variant=alias,
             version=info.version,
@@ -140,6 +149,11 @@ class ModelManager:
         )
         check_model(model, self.spec, self.config.smoke_rows)
         return model
+
+    def retry_after(self, failures: int) -> float:
+        """Seconds before the next attempt after `failures` failed ones: exponential, capped."""
+        initial, cap = self.config.retry_initial.total_seconds(), self.config.retry_max.total_seconds()
+        return float(min(cap, initial * 2**failures))
 
     def refresh(self) -> dict[str, str]:
         """Bring every alias in step with the registry; returns what happened per alias."""
@@ -164,14 +178,27 @@ class ModelManager:
                 if info.version in self.refused:
                     outcomes[alias] = f"refused: {self.refused[info.version]}"
                     continue
+                failures, next_try, error = self.failing.get(info.version, (0, 0.0, ""))
+                if time.monotonic() < next_try:
+                    outcomes[alias] = f"retrying in {next_try - time.monotonic():.0f} s: {error}"
+                    continue
                 try:
                     model = self.load(alias, info)
-                except Exception as exc:
+                except ModelRejectedError as exc:
                     self.refused[info.version] = str(exc)
                     log.error("model_refused", alias=alias, version=info.version, error=str(exc))
                     self._on_change(alias, current, "refused")
                     outcomes[alias] = f"refused: {exc}"
                     continue
+                except Exception as exc:  # a download or a registry read that may work next time
+                    wait = self.retry_after(failures)
+                    self.failing[info.version] = (failures + 1, time.monotonic() + wait, repr(exc))
+                    log.warning("model_load_failed", alias=alias, version=info.version, error=repr(exc),
+                                failures=failures + 1, retry_in_s=round(wait, 1))  # fmt: skip
+                    self._on_change(alias, current, "failed")
+                    outcomes[alias] = f"failed, retrying in {wait:.0f} s: {exc!r}"
+                    continue
+                self.failing.pop(info.version, None)
                 self.models = {**self.models, alias: model}  # one assignment: requests see old or new
                 log.info(
                     "model_loaded",

@@ -31,14 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait for the run to finish")
 
-    registry = sub.add_parser("registry", help="model versions, aliases, promotion and rollback")
+    registry = sub.add_parser(
+        "registry",
+        help="model versions, aliases and promotion (rollback: python -m services.monitor rollback, audited)",
+    )
     reg_sub = registry.add_subparsers(dest="action", required=True)
     listing = reg_sub.add_parser("list", help="versions with metrics and aliases")
     listing.add_argument("--json", action="store_true")
     promote = reg_sub.add_parser("promote", help="make a version the champion (or give it another alias)")
     promote.add_argument("version", type=int)
     promote.add_argument("--alias", default=None, help="default: champion")
-    reg_sub.add_parser("rollback", help="champion goes back to the previous champion")
     args = parser.parse_args(argv)
 
     if args.command == "worker":
@@ -133,10 +135,6 @@ def _registry(args: argparse.Namespace, settings) -> int:  # type: ignore[no-unt
             else:
                 registry.set_alias(alias, args.version)
                 print(f"version {args.version} is now {alias}")
-            return 0
-        if args.action == "rollback":
-            before, after = registry.rollback()
-            print(f"champion rolled back from version {before} to version {after}")
             return 0
     except RegistryError as exc:
         print(exc, file=sys.stderr)

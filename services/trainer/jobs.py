@@ -30,12 +30,14 @@ from services.trainer.evaluate import evaluate as evaluate_model
 from services.trainer.export import ParityError, contract, export_onnx, parity_check
 from services.trainer.training import load_checkpoint, save_checkpoint, train_model
 from shared.config import DataConfig, ModelConfig
+from shared.connections import queue_redis
 from shared.features import FeatureSpec
 from shared.lake import write_json_atomic
+from shared.modeltags import DATASET_TAG, FEATURE_VERSION_TAG, PIPELINE_RUN_TAG
 from shared.pipeline import PermanentStepError
 from shared.registry import Registry, configure_tracking, default_artifact_root
 from shared.settings import Settings, get_settings
-from shared.world import World
+from shared.world.runtime import live_world
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +46,7 @@ CHECKPOINT = "model.pt"
 ONNX_FILE = "model.onnx"
 CONTRACT = "contract.json"
 METRICS = "metrics.json"
-RUN_TAG = "feedrank.pipeline_run"
+RUN_TAG = PIPELINE_RUN_TAG
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,11 @@ def train(params: dict[str, Any], run_id: str) -> dict[str, Any]:
 
 
 def evaluate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
-    """Test metrics for the model, the popularity baseline and the oracle, with the lift share."""
+    """Test metrics for the model, the popularity baseline and the oracle, with the lift share.
+
+    The oracle is the live world, with any drift injected at run time, exactly as the monitor's:
+    after a drift the static config describes a world that no longer exists (and after a new item
+    cohort, one without the new items)."""
     ctx = context(run_id)
     dataset = ctx.dataset()
     model, _ = load_checkpoint(ctx.workdir / CHECKPOINT)
@@ -212,7 +218,12 @@ def evaluate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     with mlflow_run(ctx):
         try:
             report = evaluate_model(
-                model, test, dataset.dense_names, ctx.spec, World.create(ctx.data), ctx.model
+                model,
+                test,
+                dataset.dense_names,
+                ctx.spec,
+                live_world(ctx.data, queue_redis(ctx.settings)),
+                ctx.model,
             )
         except ValueError as exc:
             raise PermanentStepError(str(exc)) from exc
@@ -269,8 +280,8 @@ def register(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         k = ctx.model.evaluation.ndcg_k
         tags = {
             RUN_TAG: run_id,
-            "feature_version": ctx.spec.version,
-            "dataset_id": ctx.dataset().manifest["dataset_id"],
+            FEATURE_VERSION_TAG: ctx.spec.version,
+            DATASET_TAG: ctx.dataset().manifest["dataset_id"],
             "architecture": ctx.model.architecture,
             "git_sha": git_sha(ctx.settings),
             "test_auc": f"{metrics['metrics']['model']['auc']:.6f}",

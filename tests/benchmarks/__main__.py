@@ -3,6 +3,7 @@
 python -m tests.benchmarks            # all
 python -m tests.benchmarks etl        # one section (later sections need earlier ones)
 python -m tests.benchmarks monitor    # the live loop on the tiny world (needs no other section)
+python -m tests.benchmarks loop       # the loop's error rates on the loop simulator (no Redis, no lake)
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from tests.benchmarks import bench_etl, bench_monitor, bench_ranker, bench_train
+from tests.benchmarks import bench_etl, bench_loop, bench_monitor, bench_ranker, bench_train
 from tests.benchmarks.common import bench_context
 
 SECTIONS = {
@@ -18,8 +19,9 @@ SECTIONS = {
     "train": bench_train.run,
     "ranker": bench_ranker.run,
     "monitor": bench_monitor.run,
+    "loop": bench_loop.run,
 }
-STANDALONE = {"monitor"}
+STANDALONE = {"monitor", "loop"}
 """Sections with a world of their own: they need no earlier section."""
 
 

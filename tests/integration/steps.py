@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from redis import Redis
@@ -36,3 +37,10 @@ def broken(params: dict[str, Any], run_id: str) -> dict[str, Any]:
 def crashing(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     _redis().incr(f"test:{run_id}:attempts")
     raise RuntimeError("always fails")
+
+
+def slow(params: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Works longer than the pipeline lock's TTL, then says it is done."""
+    time.sleep(params["seconds"])
+    _redis().set(f"test:{run_id}:ended", 1)
+    return {"slept": params["seconds"]}

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
+from typing import Any
 
 import httpx
 import numpy as np
@@ -18,11 +20,12 @@ import pytest
 
 from services.monitor import alerts, audit
 from services.monitor.app import create_app
-from services.monitor.jobs import CHALLENGER_SINCE, act, decide_ab
+from services.monitor.jobs import act
 from shared import keys
 from shared.clock import AcceleratedClock
 from shared.connections import lake
 from shared.dags import submit_monitor, submit_train
+from shared.modeltags import AB_RESULT_TAG, CANDIDATE_ALIAS, CHALLENGER_SINCE_TAG, GATE_TAG
 from shared.pipeline import PipelineRunner
 from shared.registry import Registry
 from shared.schemas import EVENT_SCHEMA, SERVED_SCHEMA
@@ -55,12 +58,14 @@ def write_ab_traffic(
     at_ms: int,
     arms: dict[tuple[str, int], tuple[int, float]],
     seed: int = 0,
+    users: int = 2000,
 ) -> None:
-    """Served slots (the ranker's log) and their clicks: per (variant, version), N slots at a CTR."""
+    """Served slots (the ranker's log) and their clicks: per (variant, version), N slots at a CTR,
+    from `users` users (each arm its own: the A/B splits users)."""
     rng = np.random.default_rng(seed)
     served: list[pa.Table] = []
     clicks: list[pa.Table] = []
-    for (variant, version), (impressions, ctr) in arms.items():
+    for arm_index, ((variant, version), (impressions, ctr)) in enumerate(arms.items()):
         slots = 20
         requests = [f"req-{variant}-{uuid.uuid4().hex[:12]}" for _ in range(impressions // slots)]
         n = len(requests) * slots
@@ -71,7 +76,7 @@ def write_ab_traffic(
             pa.Table.from_pydict(
                 {
                     "request_id": request_ids,
-                    "user_id": np.repeat(rng.integers(0, 100, len(requests)), slots),
+                    "user_id": np.repeat(arm_index * users + rng.integers(0, users, len(requests)), slots),
                     "item_id": rng.integers(0, 100, n),
                     "position": positions,
                     "score": rng.random(n).astype(np.float32),
@@ -135,6 +140,17 @@ def test_a_window_with_too_few_impressions_is_insufficient_data_never_an_alert(
     assert 'feedrank_monitor_alerts_active{kind="feature_drift"} 0.0' in metrics
 
 
+def _fresh_served_log(world: TrainedWorld) -> None:
+    """Each A/B test writes its own impression log: none of another test's traffic may count."""
+    shutil.rmtree(lake(world.settings).served_dir, ignore_errors=True)
+
+
+def _act_on(world: TrainedWorld, run_id: str) -> dict[str, Any]:
+    """One act step with no alert firing: only the A/B decision (and housekeeping) runs."""
+    world.queue.set(keys.MONITOR_LATEST, json.dumps({"run_id": run_id, "alerts": []}))
+    return act({}, run_id)
+
+
 def test_ab_test_keeps_collecting_then_promotes_a_winner_and_one_command_rolls_back(
     trained_world: TrainedWorld,
 ) -> None:
@@ -156,40 +172,38 @@ def test_ab_test_keeps_collecting_then_promotes_a_winner_and_one_command_rolls_b
     assert challenger is not None
     assert challenger.version == champion.version + 1
 
-    the_lake = lake(settings)
     now = AcceleratedClock.shared(trained_world.queue, data).now_ms()
     judged_until = now - int(monitoring.windows.label_delay.total_seconds() * 1000)
     since = judged_until - 60 * MINUTE_MS
-    registry.client.set_model_version_tag(
-        registry.name, str(challenger.version), CHALLENGER_SINCE, str(since)
-    )
-    few = monitoring.ab.min_impressions // 2
+    registry.set_version_tag(challenger.version, CHALLENGER_SINCE_TAG, str(since))
+    _fresh_served_log(trained_world)
+    few_users = monitoring.ab.min_users // 2  # each user sees one feed of 20 slots
     write_ab_traffic(
-        trained_world,
-        since + MINUTE_MS,
-        {("champion", champion.version): (few, 0.05), ("challenger", challenger.version): (few, 0.10)},
-    )
-    decision = decide_ab(trained_world.queue, the_lake, registry, model, monitoring, challenger, data)
-    assert decision["decision"] == "collecting"  # below the minimum sample, even with a big lift
+        trained_world, since + MINUTE_MS,
+        {("champion", champion.version): (20 * few_users, 0.05), ("challenger", challenger.version): (20 * few_users, 0.10)},
+        users=few_users,
+    )  # fmt: skip
+    decision = _act_on(trained_world, "monitor-ab-1")["ab"]
+    assert decision["decision"] == "collecting"  # below the minimum number of users, even with a big lift
+    assert "users" in decision["why"]
     assert registry.by_alias("champion").version == champion.version  # type: ignore[union-attr]
 
-    enough = monitoring.ab.min_impressions * 2
     write_ab_traffic(
-        trained_world,
-        since + 2 * MINUTE_MS,
-        {("champion", champion.version): (enough, 0.05), ("challenger", challenger.version): (enough, 0.10)},
+        trained_world, since + 2 * MINUTE_MS,
+        {("champion", champion.version): (40_000, 0.05), ("challenger", challenger.version): (40_000, 0.10)},
         seed=1,
-    )
-    decision = decide_ab(trained_world.queue, the_lake, registry, model, monitoring, challenger, data)
+    )  # fmt: skip
+    decision = _act_on(trained_world, "monitor-ab-2")["ab"]
     assert decision["decision"] == "promoted"
     assert decision["p_value"] < monitoring.ab.alpha
     assert decision["challenger_ctr"] > decision["champion_ctr"]
     assert registry.by_alias("champion").version == challenger.version  # type: ignore[union-attr]
     assert registry.by_alias("challenger") is None
+    assert registry.get(challenger.version).tags[AB_RESULT_TAG] == "won"
 
     promoted = audit.entries(trained_world.queue, 5)[0]
     assert promoted["kind"] == "promoted"
-    assert promoted["challenger_impressions"] >= enough
+    assert promoted["challenger_users"] >= monitoring.ab.min_users
     shown = monitor_cli(trained_world, "audit", "--limit", "1")
     assert json.loads(shown.stdout.splitlines()[0])["kind"] == "promoted"
 
@@ -197,10 +211,12 @@ def test_ab_test_keeps_collecting_then_promotes_a_winner_and_one_command_rolls_b
     assert rolled.returncode == 0, rolled.stderr
     assert f"from version {challenger.version} to version {champion.version}" in rolled.stdout
     assert registry.by_alias("champion").version == champion.version  # type: ignore[union-attr]
-    assert audit.entries(trained_world.queue, 1)[0]["kind"] == "rolled_back"
+    entry = audit.entries(trained_world.queue, 1)[0]
+    assert (entry["kind"], entry["automatic"]) == ("rolled_back", False)
+    trained_world.queue.delete(keys.ROLLBACK_COOLDOWN)
 
 
-def test_ab_test_rejects_a_challenger_that_never_wins(trained_world: TrainedWorld) -> None:
+def test_ab_test_rejects_a_challenger_without_a_lift_once_its_time_is_up(trained_world: TrainedWorld) -> None:
     settings = trained_world.settings
     data, model, monitoring = (
         settings.data_config(),
@@ -218,23 +234,20 @@ def test_ab_test_rejects_a_challenger_that_never_wins(trained_world: TrainedWorl
     registry.set_alias("challenger", loser)
     now = AcceleratedClock.shared(trained_world.queue, data).now_ms()
     judged_until = now - int(monitoring.windows.label_delay.total_seconds() * 1000)
-    since = judged_until - 30 * MINUTE_MS
-    registry.client.set_model_version_tag(registry.name, str(loser), CHALLENGER_SINCE, str(since))
-    most = monitoring.ab.max_impressions
+    since = judged_until - int(monitoring.ab.max_duration.total_seconds() * 1000)
+    registry.set_version_tag(loser, CHALLENGER_SINCE_TAG, str(since))
+    _fresh_served_log(trained_world)
     write_ab_traffic(
-        trained_world,
-        since + MINUTE_MS,
-        {("champion", champion.version): (most, 0.06), ("challenger", loser): (most, 0.06)},
-        seed=2,
-    )
-    challenger = registry.by_alias("challenger")
-    assert challenger is not None
-    decision = decide_ab(trained_world.queue, lake(settings), registry, model, monitoring, challenger, data)
+        trained_world, since + MINUTE_MS,
+        {("champion", champion.version): (20_000, 0.06), ("challenger", loser): (20_000, 0.06)}, seed=2,
+    )  # fmt: skip
+    decision = _act_on(trained_world, "monitor-ab-3")["ab"]
     assert decision["decision"] == "rejected"
-    assert decision["p_value"] >= monitoring.ab.alpha
+    assert "max_duration" in decision["why"]
+    assert decision["p_value"] > monitoring.ab.alpha
     assert registry.by_alias("challenger") is None
     assert registry.by_alias("champion").version == champion.version  # type: ignore[union-attr]
-    assert registry.get(loser).tags["feedrank.ab_result"] == "lost"
+    assert registry.get(loser).tags[AB_RESULT_TAG] == "lost"
     assert audit.entries(trained_world.queue, 1)[0]["kind"] == "challenger_rejected"
 
 
@@ -265,5 +278,106 @@ def test_an_alert_schedules_one_retrain_which_starts_once_its_delay_has_passed(
         assert triggered["kind"] == "retrain_triggered"
         assert triggered["monitor_run"] == "monitor-a"  # the alert behind it, for tracing
     finally:
-        for key in (keys.RETRAIN_PENDING, keys.RETRAIN_COOLDOWN, keys.MONITOR_LATEST):
+        for key in (keys.RETRAIN_PENDING, keys.RETRAIN_COOLDOWN, keys.RETRAIN_ACTIVE, keys.MONITOR_LATEST):
             queue.delete(key)
+        _drop_queued_jobs(trained_world)
+
+
+def _drop_queued_jobs(world: TrainedWorld) -> None:
+    """Pipelines a test submitted but did not run: no later test's worker may pick them up."""
+    from rq import Queue
+
+    data = world.settings.data_config()
+    for name in (data.queues.features, data.queues.training, data.queues.monitoring):
+        Queue(name, connection=world.queue).empty()  # type: ignore[no-untyped-call]
+    for key in world.queue.scan_iter("fr:pipeline:lock:*"):
+        world.queue.delete(key)
+
+
+def test_a_candidate_left_behind_by_a_gate_that_never_ran_is_cleared_audited_and_retried(
+    trained_world: TrainedWorld,
+) -> None:
+    queue, registry = trained_world.queue, registry_of(trained_world)
+    champion = registry.by_alias("champion")
+    assert champion is not None
+    registry.set_alias(CANDIDATE_ALIAS, champion.version)  # as a crashed retrain would leave it
+    try:
+        outcome = _act_on(trained_world, "monitor-stale")
+        assert outcome["stale_candidate"]["version"] == champion.version
+        assert "no gate run" in outcome["stale_candidate"]["why"]
+        assert registry.by_alias(CANDIDATE_ALIAS) is None
+        assert registry.get(champion.version).tags[GATE_TAG] == "stale"
+        cleared = next(e for e in audit.entries(queue, 5) if e["kind"] == "stale_candidate_cleared")
+        assert cleared["candidate_version"] == champion.version
+        # retried: the retrain is due at once, and this same run submits it
+        assert set(outcome["retrain"]) == {"dataset", "train", "gate"}
+        assert audit.entries(queue, 1)[0]["kind"] == "retrain_triggered"
+    finally:
+        registry.remove_alias(CANDIDATE_ALIAS)
+        for key in (keys.RETRAIN_PENDING, keys.RETRAIN_ACTIVE, keys.MONITOR_LATEST):
+            queue.delete(key)
+        _drop_queued_jobs(trained_world)
+
+
+def test_a_promotion_that_makes_users_worse_off_is_rolled_back_by_the_monitor_with_a_cooldown(
+    trained_world: TrainedWorld,
+) -> None:
+    queue, registry = trained_world.queue, registry_of(trained_world)
+    settings = trained_world.settings
+    data, model = settings.data_config(), settings.ranking_model_config()
+    before = registry.by_alias("champion")
+    assert before is not None
+    newest = max(v.version for v in registry.versions())
+    if newest == before.version:
+        assert submit_train(queue, model, data) is not None
+        assert run_worker(trained_world.env, [data.queues.training]).returncode == 0
+        newest = max(v.version for v in registry.versions())
+    registry.promote(newest)
+    regression = {
+        "severity": "alert", "kind": "promotion_regression", "what": "ctr_ratio", "value": 0.2,
+        "reference_ratio": 0.4, "cusum": 13.0,
+    }  # fmt: skip
+    try:
+        queue.set(keys.MONITOR_LATEST, json.dumps({"run_id": "monitor-rb", "alerts": [regression]}))
+        outcome = act({}, "monitor-rb")
+        assert outcome["rollback"] == {"from_version": newest, "to_version": before.version}
+        assert registry.by_alias("champion").version == before.version  # type: ignore[union-attr]
+        entry = audit.entries(queue, 1)[0]
+        assert (entry["kind"], entry["automatic"], entry["monitor_run"]) == (
+            "rolled_back",
+            True,
+            "monitor-rb",
+        )
+        assert queue.exists(keys.ROLLBACK_COOLDOWN)
+        # within the cooldown, a quality alert starts no retrain
+        quality = {"severity": "alert", "kind": "quality", "what": "ctr_ratio"}
+        queue.set(keys.MONITOR_LATEST, json.dumps({"run_id": "monitor-rb2", "alerts": [quality]}))
+        assert act({}, "monitor-rb2")["retrain"] == "rollback_cooldown"
+    finally:
+        for key in (keys.ROLLBACK_COOLDOWN, keys.MONITOR_LATEST, keys.RETRAIN_COOLDOWN):
+            queue.delete(key)
+
+
+def test_an_unreachable_registry_fails_the_step_and_changes_nothing(
+    trained_world: TrainedWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.registry import RegistryUnavailableError
+    from shared.settings import get_settings
+    from tests.support import free_port
+
+    queue = trained_world.queue
+    quality = {"severity": "alert", "kind": "quality", "what": "ctr_ratio"}
+    queue.set(keys.MONITOR_LATEST, json.dumps({"run_id": "monitor-down", "alerts": [quality]}))
+    monkeypatch.setenv("FEEDRANK_MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(RegistryUnavailableError):
+            act({}, "monitor-down")
+        assert queue.get(keys.RETRAIN_PENDING) is None  # no retrain scheduled on a lookup that failed
+    finally:
+        queue.delete(keys.MONITOR_LATEST)
+        get_settings.cache_clear()
+    champion = registry_of(trained_world).by_alias("champion")
+    assert champion is not None  # the real registry was never touched

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -188,3 +190,29 @@ def test_a_failed_upstream_cancels_the_chained_run(
     assert [s.status for s in view.steps] == ["canceled"]
     assert runner.active_run("later") is None
     assert redis_pair.queue.lrange(f"test:{follower}:ran", 0, -1) == []
+
+
+def test_a_step_longer_than_the_lock_ttl_keeps_the_lock_until_it_ends(
+    redis_pair: RedisPair, service_env: dict[str, str]
+) -> None:
+    cfg = config().model_copy(update={"lock_ttl": timedelta(seconds=1)})
+    runner = PipelineRunner(redis_pair.queue, cfg)
+    run_id = runner.submit(pipeline("slow"), {"seconds": 4})
+    assert run_id is not None
+    worker = threading.Thread(target=run_worker, args=(service_env, [QUEUE]))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not (runner.run_status(run_id) == "running" and runner.active_run("demo") == run_id):
+        assert time.monotonic() < deadline, "the slow step never started"
+        time.sleep(0.05)
+    first_refusal = time.monotonic()
+    while redis_pair.queue.get(f"test:{run_id}:ended") is None and time.monotonic() < deadline:
+        assert runner.submit(pipeline("record"), {"name": "intruder"}) is None  # locked: busy
+        last_refusal = time.monotonic()
+        time.sleep(0.2)
+    assert last_refusal - first_refusal > 2.0  # refused for more than twice the lock's 1 s TTL
+    worker.join(60)
+    view = runner.run(run_id)
+    assert view is not None
+    assert view.status == "finished"
+    assert runner.active_run("demo") is None  # released at the end, not left to expire

@@ -312,6 +312,47 @@ def test_a_model_that_cannot_serve_is_refused_and_the_current_one_kept(trained_w
     assert not body["degraded"]
 
 
+def test_a_model_whose_download_fails_is_retried_with_backoff_not_refused(
+    trained_world: TrainedWorld,
+) -> None:
+    import mlflow
+    import onnx
+
+    settings = trained_world.settings
+    registry = Registry(settings.mlflow_tracking_uri, settings.ranking_model_config().registry)
+    champion = registry.by_alias("champion")
+    assert champion is not None
+    good = registry.download(champion.version, trained_world.root / "retry-model-source")
+    artifacts = trained_world.root / "retry-artifacts"
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    experiment = mlflow.create_experiment("ranker-retry-tests", artifact_location=artifacts.as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(good / "model.onnx")), name="model", metadata={"contract": Registry.contract(good)}
+        )
+    flaky = int(mlflow.register_model(info.model_uri, registry.name).version)
+    away = artifacts.with_name("retry-artifacts-away")
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        manager = client.app.state.components.models  # type: ignore[attr-defined]
+        artifacts.rename(away)  # the artifact store is unreachable for a while
+        registry.promote(flaky)
+        try:
+            first = manager.refresh()["champion"]
+            served_meanwhile = client.post("/rank", json={"user_id": 2, "k": 3}).json()
+            early = manager.refresh()["champion"]  # before the backoff: not even tried
+        finally:
+            away.rename(artifacts)
+        time.sleep(manager.retry_after(0) + 0.1)
+        recovered = manager.refresh()["champion"]
+    registry.promote(champion.version)
+    assert first.startswith("failed, retrying")
+    assert early.startswith("retrying in")
+    assert served_meanwhile["model_version"] == champion.version  # the current one kept serving
+    assert recovered == f"loaded version {flaky}"
+    assert flaky not in manager.refused
+
+
 # ----------------------------------------------------------------------------- degradation
 
 

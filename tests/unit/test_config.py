@@ -43,8 +43,8 @@ def test_configs_of_a_profile_agree_with_each_other(profile: str) -> None:
 def test_profile_overrides_only_what_it_names() -> None:
     base = load_config(DataConfig, DATA_YAML, "default")
     tiny = load_config(DataConfig, DATA_YAML, "tiny")
-    assert tiny.world.n_users < base.world.n_users
-    assert tiny.click_model == base.click_model  # untouched sections are inherited
+    assert tiny.world.n_items < base.world.n_items  # what it names changes ...
+    assert tiny.click_model == base.click_model  # ... untouched sections are inherited
 
 
 def test_unknown_key_is_rejected() -> None:
