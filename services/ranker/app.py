@@ -3,9 +3,11 @@
 (No `from __future__ import annotations` here: FastAPI must see the request models built from
 config at app creation as real classes.)
 
-/rank and /predict are `async def` although their work is blocking: it is CPU-bound and sub-
-millisecond (one Redis round trip with a short timeout, one ONNX run), so running it on the event
-loop avoids a thread hand-off per request, which measured more than the work itself.
+/rank runs on the event loop although its work is blocking: it is CPU-bound and sub-millisecond
+(one Redis round trip bounded by degradation.redis_timeout, then the circuit breaker skips Redis
+altogether; one ONNX run), so running it there avoids a thread hand-off per request, which
+measured more than the work itself. A stalled feature store costs it at most that timeout. Every
+other endpoint is a `def` (thread pool): none of them may hold the loop.
 """
 
 import gc
