@@ -190,13 +190,28 @@ class ValidationConfig(StrictModel):
     max_quarantine_share: Probability = Field(description="an etl window with more fails validation")
 
 
+class ServedDrainConfig(StrictModel):
+    """The impression-log drain (fr:served -> lake/served): one stable consumer identity, so a
+    recreated container finds its own pending entries, and orphans of any other are claimed."""
+
+    consumer: str = Field(min_length=1, description="consumer name in the group (stable across restarts)")
+    batch: int = Field(gt=0, description="stream entries per lake file")
+    block: Duration = Field(description="wall: how long one read waits for new entries")
+    claim_idle: Duration = Field(description="wall: a pending entry idle this long is claimed (XAUTOCLAIM)")
+
+
 class IngestConfig(StrictModel):
     max_batch_events: int = Field(gt=0, description="HTTP batches above this get 413")
     max_body_bytes: int = Field(gt=0)
     stream_maxlen: int = Field(gt=0, description="approximate cap on stream entries (chunks)")
     stream_chunk_events: int = Field(gt=0)
     dedup_ttl: Duration = Field(description="how long event ids are remembered for duplicate detection")
+    claim_ttl: Duration = Field(
+        description="wall: an event id claimed by a batch that is not yet in the lake is held this long; "
+        "after that another batch may take it over (unless the lake shows the first one stored it)"
+    )
     reports_maxlen: int = Field(gt=0)
+    served_drain: ServedDrainConfig
 
 
 class FeatureConfig(StrictModel):
@@ -236,6 +251,26 @@ class OnlineStoreConfig(StrictModel):
     ttl: Duration = Field(description="snapshot keys expire unless a newer snapshot refreshes them")
     superseded_ttl: Duration = Field(description="grace period of the previous snapshot after a swap")
     write_chunk: int = Field(gt=0)
+    catalog_max_age: Duration = Field(
+        description="sim: items published longer ago leave the catalog hash and the fresh pool "
+        "(snapshots carry them)"
+    )
+    catalog_max_items: int = Field(gt=0, description="hard cap of the catalog hash and the fresh pool")
+
+
+class RedisClientConfig(StrictModel):
+    """Every Redis client (shared.connections): a stalled Redis fails a call, never hangs it."""
+
+    socket_timeout: Duration = Field(description="wall: longest wait for one reply")
+    connect_timeout: Duration = Field(description="wall: longest wait for a connection")
+    health_check_interval: Duration = Field(description="wall: idle connections are pinged before reuse")
+
+
+class HttpConfig(StrictModel):
+    """Limits every HTTP service applies before its handlers run (shared.http_guard)."""
+
+    body_timeout: Duration = Field(description="wall: a request body not complete by then is a 408")
+    max_body_bytes: int = Field(gt=0, description="services without a limit of their own (monitor)")
 
 
 class RealtimeConfig(StrictModel):
@@ -292,6 +327,21 @@ class DataConfig(StrictModel):
     realtime: RealtimeConfig
     queues: QueueNames
     pipeline: PipelineConfig
+    redis: RedisClientConfig
+    http: HttpConfig
+
+    @model_validator(mode="after")
+    def _blocking_reads_fit_the_socket_timeout(self) -> DataConfig:
+        blocking = {
+            "realtime.block": self.realtime.block,
+            "ingest.served_drain.block": self.ingest.served_drain.block,
+        }
+        for name, block in blocking.items():
+            if block >= self.redis.socket_timeout:
+                raise ValueError(
+                    f"{name} must be shorter than redis.socket_timeout (a blocked read is not a stall)"
+                )
+        return self
 
     @property
     def live_start(self) -> datetime:
@@ -436,6 +486,7 @@ class ApiConfig(StrictModel):
     max_candidates: int = Field(gt=0)
     max_k: int = Field(gt=0)
     default_k: int = Field(gt=0)
+    max_body_bytes: int = Field(gt=0, description="a larger request body is a 413 (the gateway's limit too)")
 
 
 class CandidatesConfig(StrictModel):
@@ -474,7 +525,6 @@ class DegradationConfig(StrictModel):
 
 
 class ImpressionLogConfig(StrictModel):
-    maxlen: int = Field(gt=0)
     queue_size: int = Field(gt=0)
     batch: int = Field(gt=0)
     flush_every: Duration

@@ -63,7 +63,9 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Fetched:
-    """Rows for one request. Missing users/items are zero rows (no history) with found=False."""
+    """Rows for one request. Missing users/items are zero rows (no history) with found=False.
+    `snapshot_id` is None when there is no usable snapshot (none published, pointer lost, or its
+    hashes evicted): the rows are zeros then and must not be scored as if they were features."""
 
     snapshot_id: str | None
     user: np.ndarray  # (len(user_fields),)
@@ -166,25 +168,39 @@ class FeatureStore:
                     spec, len(item_ids), self._engaged(user_id) if with_engaged else frozenset()
                 )
             sid = self._snapshot[fv] = current.decode()
+        users_key, items_key = keys.features_users(fv, sid), keys.features_items(fv, sid)
         with self.conn.pipeline(transaction=False) as pipe:
-            pipe.hget(keys.features_users(fv, sid), user_id)
+            pipe.hget(users_key, user_id)
             if item_ids:
-                pipe.hmget(keys.features_items(fv, sid), item_ids)
+                pipe.hmget(items_key, item_ids)
             if with_engaged:
                 pipe.smembers(keys.engaged_items(user_id))
             pipe.get(keys.features_current(fv))
+            pipe.exists(users_key, items_key)
             replies = pipe.execute()
         user, rest = replies[0], replies[1:]
         rows: list[bytes | None] = rest.pop(0) if item_ids else []
         engaged = frozenset(int(i) for i in rest.pop(0)) if with_engaged else frozenset()
-        pointer = rest.pop(0)
-        if pointer is not None and pointer.decode() != sid:
-            self._snapshot[fv] = pointer.decode()  # the next request reads the new snapshot
-            if not user and not any(rows):  # ours expired already: read the new one now
-                return self.fetch(spec, user_id, item_ids, with_engaged)
-        if pointer is None:
+        pointer, present = rest
+        if pointer is None:  # the store lost its pointer (restart, flush): there is no snapshot
             self._snapshot.pop(fv, None)
+            return self._nothing(spec, len(item_ids), engaged)
+        if pointer.decode() != sid:
+            self._snapshot[fv] = pointer.decode()  # the next request reads the new snapshot
+            if present < 2 or (not user and not any(rows)):  # ours expired already: read the new one now
+                return self.fetch(spec, user_id, item_ids, with_engaged)
+        if present < 2 and self._evicted(fv, sid, present):
+            return self._nothing(spec, len(item_ids), engaged)
         return self._assemble(spec, sid, user, rows, item_ids, engaged)
+
+    def _evicted(self, fv: str, sid: str, present: int) -> bool:
+        """A hash of the live snapshot is missing: evicted (or expired) unless the snapshot really
+        has no rows of that kind. Without this check its rows would read as zeros, served as healthy."""
+        meta = self.conn.get(keys.features_meta(fv, sid))
+        if meta is None:
+            return True
+        counts = json.loads(meta)
+        return present < int(counts["users"] > 0) + int(counts["items"] > 0)
 
     def _engaged(self, user_id: int) -> frozenset[int]:
         return frozenset(int(i) for i in self.conn.smembers(keys.engaged_items(user_id)))

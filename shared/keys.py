@@ -71,8 +71,20 @@ SERVED_GROUP = "lake"
 
 
 def dedup_bucket(hour_ms: int) -> str:
-    """Hash event_id -> batch_id of the events whose timestamp falls in that hour."""
+    """Hash event_id -> id of the batch that owns it, for events whose timestamp falls in that hour."""
     return f"{PREFIX}:ingest:seen:{hour_ms}"
+
+
+def dedup_batch(batch_id: str) -> str:
+    """String, TTL: `pending` while an attempt of the batch may still write the lake (claim_ttl),
+    `stored` once its files are in place (dedup_ttl). What an id owned by this batch is worth."""
+    return f"{PREFIX}:ingest:batch:{batch_id}"
+
+
+def ingest_body(kind: str, batch_id: str) -> str:
+    """String, TTL: digest of the body first sent under this batch id (an Idempotency-Key names one
+    body; the same key with another body is refused)."""
+    return f"{PREFIX}:ingest:body:{kind}:{batch_id}"
 
 
 def pipeline_run(run_id: str) -> str:

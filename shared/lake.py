@@ -37,15 +37,29 @@ _HIVE_DATE = ds.partitioning(pa.schema([("date", pa.string())]), flavor="hive")
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
-    """Write then rename: the file appears complete or not at all."""
+    """Write, flush to disk, then rename: the file appears complete or not at all, and once this
+    returns it survives a crash of the process or the machine (what ingest acknowledges)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "wb") as sink:
+            pq.write_table(table, sink, compression="zstd")
+            sink.flush()
+            os.fsync(sink.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(document: Any, path: Path) -> Path:
@@ -130,14 +144,24 @@ class Lake:
 
     # ------------------------------------------------------------------ writes
 
+    def events_file(self, batch_id: str, hour_ms: int) -> Path:
+        """The one file of a batch's events of one hour."""
+        hour = from_ms(hour_ms)
+        return self.events_dir / f"date={hour:%Y-%m-%d}" / f"hour={hour:%H}" / f"part-{batch_id}.parquet"
+
     def write_events(self, table: pa.Table, batch_id: str) -> list[Path]:
         """Partition by event hour; one file per (hour, batch)."""
-        paths = []
-        for hour_ms, part in split_by_period(table, "ts", HOUR_MS):
-            hour = from_ms(hour_ms)
-            path = self.events_dir / f"date={hour:%Y-%m-%d}" / f"hour={hour:%H}" / f"part-{batch_id}.parquet"
-            paths.append(write_parquet_atomic(part.cast(EVENT_SCHEMA), path))
-        return paths
+        return [
+            write_parquet_atomic(part.cast(EVENT_SCHEMA), self.events_file(batch_id, hour_ms))
+            for hour_ms, part in split_by_period(table, "ts", HOUR_MS)
+        ]
+
+    def event_ids_in(self, batch_id: str, hour_ms: int) -> frozenset[str]:
+        """Event ids a batch stored for one hour (empty when it wrote no file there)."""
+        path = self.events_file(batch_id, hour_ms)
+        if not path.exists():
+            return frozenset()
+        return frozenset(pq.read_table(path, columns=["event_id"])["event_id"].to_pylist())
 
     def write_served(self, table: pa.Table, name: str) -> list[Path]:
         """Served slots partitioned by serving hour; `name` (the first stream entry id) keeps replays

@@ -92,6 +92,11 @@ EVENT_RULES: tuple[Rule, ...] = (
         lambda t, _: pc.greater(pc.utf8_length(t["request_id"]), 0),
     ),
     Rule(
+        "request_id_length",
+        "request_id is at most validation.max_event_id_length characters",
+        lambda t, c: pc.less_equal(pc.utf8_length(t["request_id"]), c.config.max_event_id_length),
+    ),
+    Rule(
         "position_range",
         "0 <= position <= validation.max_position",
         _in_range("position", lambda _: 0, lambda c: c.config.max_position),
@@ -214,8 +219,14 @@ def _coerce_int(value: Any) -> int | None:
 
 
 def _coerce_str(value: Any) -> str | None:
+    """A string that is valid Unicode (a lone surrogate from a JSON escape is not, and could be
+    neither written to Arrow nor sent to Redis)."""
     if not isinstance(value, str):
         raise TypeError
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TypeError from None
     return value
 
 
@@ -273,7 +284,7 @@ def records_to_table(records: Sequence[Any], schema: pa.Schema) -> tuple[pa.Tabl
     arrays = []
     for f in schema:
         values = columns[f.name]
-        if pa.types.is_integer(f.type):
+        if pa.types.is_integer(f.type) or pa.types.is_timestamp(f.type):
             # Out-of-range ints would make Arrow raise; they become nulls plus a type reason.
             bits = f.type.bit_width - 1
             for i, v in enumerate(values):

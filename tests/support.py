@@ -11,6 +11,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +199,66 @@ def serve_app(app: Any, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+@dataclass(frozen=True)
+class TrainedWorld:
+    """A tiny world after etl and train: lake, online store, MLflow store with a champion."""
+
+    env: dict[str, str]
+    settings: Any  # shared.settings.Settings
+    queue: Redis
+    store: Redis
+    root: Path
+
+
+@contextmanager
+def build_trained_world(
+    redis_base_url: str, root: Path, queue_db: int, store_db: int
+) -> Iterator[TrainedWorld]:
+    """Run etl + train of the tiny world through a real RQ worker; the environment points at it
+    while the context is open (databases `queue_db` and `store_db` of the test Redis, flushed)."""
+    import pytest
+
+    from shared.dags import submit_etl_then_train
+    from shared.pipeline import PipelineRunner
+    from shared.settings import get_settings
+
+    env = {
+        "FEEDRANK_QUEUE_URL": f"{redis_base_url}/{queue_db}",
+        "FEEDRANK_FEATURE_STORE_URL": f"{redis_base_url}/{store_db}",
+        "FEEDRANK_LAKE_PATH": str(root / "lake"),
+        "FEEDRANK_PROFILE": "tiny",
+        "FEEDRANK_LOG_FORMAT": "console",
+        "FEEDRANK_LOG_LEVEL": "WARNING",
+        "FEEDRANK_MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow/mlflow.db",
+        "FEEDRANK_MODEL_CACHE_DIR": str(root / "model-cache"),
+        "FEEDRANK_ADMIN_TOKEN": "test-admin-token",
+        "PROMETHEUS_MULTIPROC_DIR": str(root / "metrics"),
+    }
+    queue, store = (
+        Redis.from_url(env["FEEDRANK_QUEUE_URL"]),
+        Redis.from_url(env["FEEDRANK_FEATURE_STORE_URL"]),
+    )
+    for conn in (queue, store):
+        conn.flushdb()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            if key != "PROMETHEUS_MULTIPROC_DIR":
+                patch.setenv(key, value)
+        get_settings.cache_clear()
+        settings = get_settings()
+        data, model = settings.data_config(), settings.ranking_model_config()
+        chain = submit_etl_then_train(queue, data, model, "simulate")
+        assert chain is not None
+        result = run_worker(env, ["ingest", "features", "training"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        view = PipelineRunner(queue, model.pipeline).run(chain[1])
+        assert view is not None
+        assert view.status == "finished", [(s.name, s.status, s.error) for s in view.steps]
+        try:
+            yield TrainedWorld(env, settings, queue, store, root)
+        finally:
+            get_settings.cache_clear()
+    for conn in (queue, store):
+        conn.flushdb()

@@ -7,6 +7,7 @@ from rq import get_current_job
 from rq.cron import CronScheduler
 
 from shared.config import DataConfig
+from shared.connections import queue_redis
 from shared.dags import submit_etl
 from shared.settings import get_settings
 
@@ -15,7 +16,7 @@ def scheduled_etl() -> str | None:
     """Enqueued by the RQ cron scheduler: an etl run over the latest lake window, unless one is active."""
     job = get_current_job()
     settings = get_settings()
-    conn = job.connection if job is not None else Redis.from_url(str(settings.queue_url))
+    conn = job.connection if job is not None else queue_redis(settings)
     return submit_etl(conn, settings.data_config(), "lake")
 
 

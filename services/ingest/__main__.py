@@ -18,7 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--metrics-port", type=int, default=None)
     backfill = sub.add_parser("backfill", help="simulate N days of history and ingest it")
     backfill.add_argument("--days", type=int, default=None, help="default: backfill.days from config")
-    sub.add_parser("drain-served", help="write the ranker's impression log (Redis stream) to the lake")
+    drain_cli = sub.add_parser(
+        "drain-served", help="write the ranker's impression log (Redis stream) to the lake"
+    )
+    drain_cli.add_argument(
+        "--consumer", default=None, help="consumer name (default: ingest.served_drain.consumer)"
+    )
+    drain_cli.add_argument(
+        "--metrics-port", type=int, default=None, help="serve Prometheus metrics (lag) here"
+    )
     reports = sub.add_parser("reports", help="print recent batch validation reports")
     reports.add_argument("--limit", type=int, default=10)
     args = parser.parse_args(argv)
@@ -52,9 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         from services.ingest.served import ServedDrain
         from shared.connections import lake, queue_redis
         from shared.logging import configure
+        from shared.metrics import serve as serve_metrics
 
         configure(settings.log_level, settings.log_format)
-        ServedDrain(queue_redis(settings), lake(settings)).run_forever()
+        if args.metrics_port:
+            serve_metrics(args.metrics_port)
+        ServedDrain(
+            queue_redis(settings), lake(settings), settings.data_config().ingest.served_drain, args.consumer
+        ).run_forever()
         return 0
     if args.command == "reports":
         from shared import keys

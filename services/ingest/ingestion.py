@@ -2,7 +2,9 @@
 
 Both front doors (HTTP `POST /events`, the backfill job) end up here, so the guarantees hold for
 both: every received record is counted exactly once as stored, quarantined or duplicate; invalid
-records are kept verbatim with their reasons; nothing half-written is ever visible in the lake.
+records are kept verbatim with their reasons; nothing half-written is ever visible in the lake;
+and an event is acknowledged (returned as stored or duplicate) only once it is durably in the lake
+(see services.ingest.dedup for how claims and the lake write are ordered).
 """
 
 from __future__ import annotations
@@ -45,6 +47,38 @@ log = structlog.get_logger(__name__)
 Kind = Literal["events", "items"]
 DUPLICATE = "duplicate"
 
+_TRIM_CATALOG = """
+local removed = 0
+local function drop(members)
+  for lo = 1, #members, 1000 do
+    local chunk = {unpack(members, lo, math.min(lo + 999, #members))}
+    redis.call('HDEL', KEYS[2], unpack(chunk))
+    redis.call('ZREM', KEYS[1], unpack(chunk))
+    removed = removed + #chunk
+  end
+end
+drop(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[3])))
+local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[2])
+if excess > 0 then
+  drop(redis.call('ZRANGE', KEYS[1], 0, math.min(excess, tonumber(ARGV[3])) - 1))
+end
+return removed
+"""
+"""Bound the fresh pool (KEYS[1], scored by publish time) and the catalog hash (KEYS[2]) together:
+items published before ARGV[1] go, then the oldest beyond ARGV[2] items; at most ARGV[3] a call."""
+
+_TRIM_PER_CALL = 50_000
+
+
+class IngestRefusedError(Exception):
+    """A batch refused as a whole, for now or for good; nothing of it is acknowledged."""
+
+    def __init__(self, status: int, detail: str, retry_after_s: int | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
 
 @dataclass
 class BatchReport:
@@ -78,7 +112,8 @@ class Ingestor:
         self.store_redis = store_redis
         self.config = config
         self.clock = clock
-        self.dedup = Deduplicator(queue_redis, config.ingest.dedup_ttl)
+        self.dedup = Deduplicator(queue_redis, config.ingest.dedup_ttl, config.ingest.claim_ttl)
+        self._trim_catalog = store_redis.register_script(_TRIM_CATALOG)
 
     def _context(self) -> RuleContext:
         return RuleContext(self.config.validation, self.clock.now_ms(), to_ms(self.config.world.start))
@@ -108,11 +143,29 @@ class Ingestor:
             if raw_records is not None
             else table_rows_as_json(table, result.invalid_rows)
         )
-        fresh = self._first_claims(result.valid, batch_id)
-        stored = result.valid.filter(pa.array(fresh)) if not fresh.all() else result.valid
-        self.lake.write_events(stored, batch_id)
+        valid = result.valid
+        rows = _first_occurrences(valid)
+        ids = pc.take(valid["event_id"], pa.array(rows, pa.int64())).to_pylist()
+        ts = pc.take(valid["ts"], pa.array(rows, pa.int64())).cast(pa.int64()).to_numpy()
+        claimed_at = time.monotonic()
+        claims = self.dedup.claim(ids, ts, batch_id, self.lake.event_ids_in)
+        if claims.busy.any():
+            taken = np.flatnonzero(claims.taken_now)
+            self.dedup.release([ids[i] for i in taken], ts[taken], batch_id)
+            raise IngestRefusedError(
+                409,
+                f"{int(claims.busy.sum())} events of this batch are being stored by another batch right "
+                "now; nothing was stored, retry",
+                retry_after_s=1,
+            )
+        if time.monotonic() - claimed_at > self.dedup.claim_ttl_s / 2:
+            raise IngestRefusedError(503, "claiming the batch's events took too long; retry", retry_after_s=1)
+        if not claims.already_stored or claims.new.any():
+            self.lake.write_events(valid.take(pa.array(rows[claims.own], pa.int64())), batch_id)
         self.lake.write_quarantine("events", batch_id, received_ms, result.invalid_reasons, raw)
+        stored = valid.take(pa.array(rows[claims.new], pa.int64()))
         self._publish(stored, batch_id)
+        self.dedup.commit(batch_id)
         report = BatchReport(
             batch_id=batch_id,
             kind="events",
@@ -120,28 +173,13 @@ class Ingestor:
             received=table.num_rows,
             stored=stored.num_rows,
             quarantined=len(result.invalid_rows),
-            duplicates=int((~fresh).sum()),
+            duplicates=valid.num_rows - stored.num_rows,
             received_at=iso(received_ms),
             rule_failures=dict(result.rule_failures),
             seconds=round(time.perf_counter() - started, 4),
         )
         self._record(report)
         return report
-
-    def _first_claims(self, valid: pa.Table, batch_id: str) -> np.ndarray:
-        """True for the first occurrence of each id in the batch that no other batch has claimed."""
-        n = valid.num_rows
-        if n == 0:
-            return np.zeros(0, dtype=bool)
-        codes = pc.dictionary_encode(valid["event_id"]).combine_chunks()
-        _, first_index = np.unique(codes.indices.to_numpy(), return_index=True)
-        first = np.zeros(n, dtype=bool)
-        first[first_index] = True
-        rows = np.flatnonzero(first)
-        ids = pc.take(valid["event_id"], pa.array(rows)).to_pylist()
-        ts = pc.take(valid["ts"], pa.array(rows)).cast(pa.int64()).to_numpy()
-        first[rows] = self.dedup.claim(ids, ts, batch_id)
-        return first
 
     def _publish(self, table: pa.Table, batch_id: str) -> None:
         """Valid events to the near-real-time stream, one entry per chunk of events."""
@@ -205,7 +243,9 @@ class Ingestor:
         return report
 
     def _publish_catalog(self, items: pa.Table) -> None:
-        """New items become servable before the next feature snapshot: catalog hash + fresh pool."""
+        """New items become servable before the next feature snapshot: catalog hash + fresh pool,
+        both trimmed to `online_store.catalog_max_age` and `catalog_max_items` (snapshots carry
+        older items), so neither grows without bound."""
         if items.num_rows == 0:
             return
         ids = items["item_id"].to_numpy()
@@ -224,9 +264,26 @@ class Ingestor:
                     keys.FRESH_ITEMS,
                     {str(i): float(published[j]) for j, i in enumerate(ids[lo : lo + 5000], lo)},
                 )
+            store = self.config.online_store
+            cutoff = self.clock.now_ms() - int(store.catalog_max_age.total_seconds() * 1000)
+            self._trim_catalog(
+                keys=[keys.FRESH_ITEMS, keys.CATALOG],
+                args=[cutoff, store.catalog_max_items, _TRIM_PER_CALL],
+                client=pipe,
+            )
             pipe.execute()
 
-    # ------------------------------------------------------------------ whole-body rejects
+    # ------------------------------------------------------------------ whole-body checks
+
+    def bind_body(self, kind: Kind, batch_id: str, digest: str) -> None:
+        """A batch id names one body: the first body sent under it wins, another one is a 409."""
+        ttl_s = max(1, int(self.config.ingest.dedup_ttl.total_seconds()))
+        first = self.queue_redis.set(keys.ingest_body(kind, batch_id), digest, nx=True, get=True, ex=ttl_s)
+        if first is not None and first.decode() != digest:
+            raise IngestRefusedError(
+                409,
+                f"Idempotency-Key {batch_id!r} was used for a different body; use a new key for new data",
+            )
 
     def reject_body(self, kind: Kind, body: bytes, reason: str, batch_id: str) -> BatchReport:
         """A body that is not even a batch (bad JSON, wrong shape) is kept whole in the quarantine."""
@@ -268,6 +325,15 @@ class Ingestor:
             **{k: v for k, v in report.as_dict().items() if k != "rule_failures"},
             rule_failures=report.rule_failures or None,
         )
+
+
+def _first_occurrences(valid: pa.Table) -> np.ndarray:
+    """Row indices of the first occurrence of each event id (later ones are in-batch duplicates)."""
+    if valid.num_rows == 0:
+        return np.zeros(0, dtype=np.int64)
+    codes = pc.dictionary_encode(valid["event_id"]).combine_chunks()
+    _, first = np.unique(codes.indices.to_numpy(), return_index=True)
+    return np.sort(first).astype(np.int64)
 
 
 def rule_failure_summary(reports: Sequence[BatchReport]) -> dict[str, int]:

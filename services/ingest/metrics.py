@@ -1,6 +1,6 @@
 """Ingest metrics: counts reconcile as received = stored + quarantined + duplicates, per kind."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from shared.metrics import JOB_BUCKETS
 
@@ -18,4 +18,20 @@ REJECTED_BODIES = Counter(
 )
 BATCH_SECONDS = Histogram(
     "feedrank_ingest_batch_seconds", "Time to validate and store one batch.", ["kind"], buckets=JOB_BUCKETS
+)
+
+SERVED_WRITTEN = Counter("feedrank_served_drained_total", "Served feeds the drain wrote to the lake.")
+SERVED_CLAIMED = Counter(
+    "feedrank_served_claimed_total", "Pending served feeds claimed from another (gone) consumer."
+)
+SERVED_LENGTH = Gauge(
+    "feedrank_served_stream_length", "Entries in the served stream (acknowledged ones are trimmed)."
+)
+SERVED_LAG = Gauge("feedrank_served_stream_lag", "Served feeds not yet handed to the drain.")
+SERVED_PENDING = Gauge(
+    "feedrank_served_stream_pending", "Served feeds handed to a drain, not yet acknowledged."
+)
+SERVED_OLDEST_AGE = Gauge(
+    "feedrank_served_stream_oldest_unacked_seconds",
+    "Age of the oldest served feed not yet in the lake (0 when the drain is caught up).",
 )

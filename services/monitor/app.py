@@ -20,6 +20,7 @@ from redis import Redis
 from services.monitor import alerts, audit
 from shared import keys
 from shared.connections import queue_redis
+from shared.http_guard import harden
 from shared.logging import configure
 from shared.settings import Settings, get_settings
 
@@ -132,6 +133,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
 
     app = FastAPI(title="feedrank monitor", version="1", lifespan=lifespan)
+    http = settings.data_config().http
+    harden(app, http.max_body_bytes, http.body_timeout.total_seconds())
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

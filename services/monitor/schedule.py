@@ -7,6 +7,7 @@ from rq import get_current_job
 from rq.cron import CronScheduler
 
 from shared.config import DataConfig, MonitoringConfig
+from shared.connections import queue_redis
 from shared.dags import submit_monitor
 from shared.settings import get_settings
 
@@ -15,7 +16,7 @@ def scheduled_monitor() -> str | None:
     """Enqueued by the cron scheduler: one monitoring run, unless one is active."""
     job = get_current_job()
     settings = get_settings()
-    conn = job.connection if job is not None else Redis.from_url(str(settings.queue_url))
+    conn = job.connection if job is not None else queue_redis(settings)
     return submit_monitor(conn, settings.data_config(), settings.monitoring_config())
 
 

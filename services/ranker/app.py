@@ -3,13 +3,14 @@
 (No `from __future__ import annotations` here: FastAPI must see the request models built from
 config at app creation as real classes.)
 
-/rank and /predict are `async def` although their work is blocking: it is CPU-bound and sub-
-millisecond (one Redis round trip with a short timeout, one ONNX run), so running it on the event
-loop avoids a thread hand-off per request, which measured more than the work itself.
+/rank runs on the event loop although its work is blocking: it is CPU-bound and sub-millisecond
+(one Redis round trip bounded by degradation.redis_timeout, then the circuit breaker skips Redis
+altogether; one ONNX run), so running it there avoids a thread hand-off per request, which
+measured more than the work itself. A stalled feature store costs it at most that timeout. Every
+other endpoint is a `def` (thread pool): none of them may hold the loop.
 """
 
 import gc
-import json
 import secrets
 import sys
 import time
@@ -20,11 +21,9 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response, status
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError, create_model
-from redis import Redis
 
 from services.ranker import metrics
 from services.ranker.candidates import CandidateStage
@@ -32,9 +31,11 @@ from services.ranker.impressions import ImpressionLog
 from services.ranker.models import ModelManager, ServedModel
 from services.ranker.ranking import CHALLENGER, CHAMPION, RankedFeed, Ranker
 from shared.clock import AcceleratedClock, Clock
-from shared.config import ServingConfig
+from shared.config import ServingConfig, ValidationConfig
+from shared.connections import queue_redis, store_redis
 from shared.features import FeatureSpec
 from shared.featurestore import FeatureStore
+from shared.http_guard import check_body, harden, validation_error_body
 from shared.logging import configure
 from shared.metrics import registry
 from shared.registry import Registry
@@ -77,8 +78,9 @@ class ErrorOut(BaseModel):
     detail: str
 
 
-def request_models(api: Any, max_id: int) -> tuple[type[BaseModel], type[BaseModel]]:
-    """Request schemas whose limits are the configured ones."""
+def request_models(api: Any, validation: ValidationConfig) -> tuple[type[BaseModel], type[BaseModel]]:
+    """Request schemas whose limits are the configured ones: every number and list is bounded."""
+    max_id = validation.max_id
     item_id = Annotated[int, Field(ge=0, le=max_id)]
     rank = create_model(
         "RankRequest",
@@ -99,8 +101,12 @@ def request_models(api: Any, max_id: int) -> tuple[type[BaseModel], type[BaseMod
         user_id=(int, Field(ge=0, le=max_id, examples=[17])),
         item_ids=(list[item_id], Field(min_length=1, max_length=api.max_candidates, examples=[[101, 205]])),
         positions=(
-            list[Annotated[int, Field(ge=0)]] | None,
-            Field(default=None, description="slot of each item (default: the top slot)"),
+            list[Annotated[int, Field(ge=0, le=validation.max_position)]] | None,
+            Field(
+                default=None,
+                max_length=api.max_candidates,
+                description="slot of each item (default: the top slot)",
+            ),
         ),
     )
     return rank, predict
@@ -117,12 +123,8 @@ class Components:
         self.serving = serving
         self.spec = FeatureSpec.from_config(data)
         timeout = serving.degradation.redis_timeout.total_seconds()
-        self.store_conn = Redis.from_url(
-            str(settings.feature_store_url), socket_timeout=timeout, socket_connect_timeout=timeout
-        )
-        self.queue_conn = Redis.from_url(
-            str(settings.queue_url), socket_timeout=1.0, socket_connect_timeout=1.0
-        )
+        self.store_conn = store_redis(settings, socket_timeout_s=timeout)
+        self.queue_conn = queue_redis(settings, socket_timeout_s=1.0)
         self.clock = clock or AcceleratedClock.shared(self.queue_conn, data)
         self.store = FeatureStore(self.store_conn, data.online_store.ttl, data.online_store.superseded_ttl)
         self.models = ModelManager(
@@ -133,9 +135,7 @@ class Components:
             config=serving.models,
             on_change=self._model_changed,
         )
-        pools_conn = Redis.from_url(
-            str(settings.feature_store_url), socket_timeout=2.0, socket_connect_timeout=2.0
-        )
+        pools_conn = store_redis(settings, socket_timeout_s=2.0)
         self.candidates = CandidateStage(
             pools_conn, self.clock, data.world.n_topics, serving.candidates, data.realtime
         )
@@ -182,7 +182,29 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_input=False)]
+        ) from None
+
+
+def readiness(
+    models: dict[str, int], checked: bool, fallback_items: int, store_problem: str | None
+) -> tuple[bool, dict[str, Any]]:
+    """Ready means "can answer", so that a gateway keeps degraded replicas in rotation: a loaded
+    model answers (from the fallback while the feature store is away); without one, the popularity
+    fallback answers once the first registry check is over and its pools hold items."""
+    problems = []
+    if not models:
+        problems.append(
+            "no model loaded" if checked else "no model loaded yet (first registry check running)"
+        )
+    if store_problem:
+        problems.append(f"feature store unreachable: {store_problem}")
+    if not models and not fallback_items:
+        problems.append("no fallback items (candidate pools empty)")
+    ready = bool(models) or (checked and fallback_items > 0)
+    status_text = "ready" if ready and not problems else "degraded" if ready else "not_ready"
+    return ready, {"status": status_text, "models": models, "problems": problems}
 
 
 def rank_json(parts: Components, rank_model: type[BaseModel], raw: bytes) -> bytes:
@@ -205,9 +227,13 @@ class RankFastPath:
     dependency layers for it cut a measurable share of the CPU per request on this 2-core machine.
     """
 
-    def __init__(self, app: FastAPI, rank_model: type[BaseModel]) -> None:
+    def __init__(
+        self, app: FastAPI, rank_model: type[BaseModel], max_body_bytes: int, body_timeout_s: float
+    ) -> None:
         self.app = app
         self.rank_model = rank_model
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.app, name)  # app.state, routes, ... as if this were the FastAPI app
@@ -216,16 +242,15 @@ class RankFastPath:
         if scope["type"] != "http" or scope["path"] != "/rank" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        raw = await check_body(
+            scope, receive, send, self.max_body_bytes, self.body_timeout_s, untimed_first=True
+        )
+        if raw is None:  # answered 413/408, or the client left
+            return
         try:
             content, code = rank_json(self.app.state.components, self.rank_model, raw), 200
         except RequestValidationError as exc:
-            content, code = json.dumps({"detail": jsonable_encoder(exc.errors())}).encode(), 422
+            content, code = validation_error_body(exc.errors()), 422
             metrics.REQUESTS.labels("rank", "422", "none", "0").inc()
         except Exception:
             log.exception("rank_failed")
@@ -277,7 +302,8 @@ def rank_response(feed: RankedFeed) -> RankResponse:
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> RankFastPath:
     settings = settings or get_settings()
     serving: ServingConfig = settings.serving_config()
-    rank_model, predict_model = request_models(serving.api, settings.data_config().validation.max_id)
+    data = settings.data_config()
+    rank_model, predict_model = request_models(serving.api, data.validation)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -302,13 +328,18 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         summary="Ranked feeds from ONNX models and the online feature store, with A/B and fallbacks.",
         lifespan=lifespan,
     )
+    body_timeout_s = data.http.body_timeout.total_seconds()
+    harden(app, serving.api.max_body_bytes, body_timeout_s)
 
     rank_schema = rank_model.model_json_schema()
 
     @app.post(
         "/rank",
         response_model=RankResponse,
-        responses={422: {"description": "invalid request: the detail names each problem"}},
+        responses={
+            413: {"model": ErrorOut, "description": f"body larger than {serving.api.max_body_bytes} bytes"},
+            422: {"description": "invalid request: the detail names each problem"},
+        },
         openapi_extra={
             "requestBody": {"required": True, "content": {"application/json": {"schema": rank_schema}}}
         },
@@ -318,8 +349,12 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         content = rank_json(request.app.state.components, rank_model, await request.body())
         return Response(content, media_type="application/json")
 
-    @app.post("/predict", response_model=PredictResponse, responses={422: {"description": "invalid request"}})
-    async def predict(body: predict_model, parts: ComponentsDep) -> PredictResponse:  # type: ignore[valid-type]
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        responses={413: {"model": ErrorOut}, 422: {"description": "invalid request"}},
+    )
+    def predict(body: predict_model, parts: ComponentsDep) -> PredictResponse:  # type: ignore[valid-type]
         """Click probabilities for the given items, in the given order."""
         started = time.perf_counter()
         positions = body.positions  # type: ignore[attr-defined]
@@ -348,17 +383,23 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
     @app.get("/readyz", responses={503: {"model": ErrorOut}})
     def readyz(parts: ComponentsDep) -> dict[str, Any]:
-        """Ready when a model is loaded and the feature store answers."""
-        problems = []
-        if not parts.models.models:
-            problems.append("no model loaded")
+        """Ready when the ranker can answer: 200 `ready`, or 200 `degraded` with the problems (the
+        fallback answers); 503 only when there is neither a model nor a fallback."""
+        store_problem = None
         try:
             parts.store_conn.ping()
         except Exception as exc:
-            problems.append(f"feature store unreachable: {exc}")
-        if problems:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "; ".join(problems))
-        return {"status": "ready", "models": {a: m.version for a, m in parts.models.models.items()}}
+            store_problem = str(exc) or type(exc).__name__
+        pools = parts.candidates.pools
+        ready, body = readiness(
+            {a: m.version for a, m in parts.models.models.items()},
+            parts.models.checked.is_set(),
+            int(pools.trending.size + pools.fresh.size),
+            store_problem,
+        )
+        if not ready:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "; ".join(body["problems"]))
+        return body
 
     @app.post("/admin/reload", responses={401: {"model": ErrorOut}, 503: {"model": ErrorOut}})
     def admin_reload(
@@ -373,4 +414,4 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     def prometheus_metrics() -> Response:
         return Response(generate_latest(registry()), media_type=CONTENT_TYPE_LATEST)
 
-    return RankFastPath(app, rank_model)
+    return RankFastPath(app, rank_model, serving.api.max_body_bytes, body_timeout_s)

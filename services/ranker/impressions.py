@@ -3,6 +3,10 @@
 A request only puts its record on an in-memory queue (no I/O); a background thread writes batches
 with one pipeline per batch. If Redis is away the thread keeps retrying with the records in hand;
 if the queue is full the record is dropped and counted. Logging never blocks or fails a request.
+
+The stream is not capped here: a length cap would trim entries the drain has not written to the
+lake yet. The drain trims what it acknowledged; the queue Redis' maxmemory (noeviction) bounds the
+rest, and the drain's lag metric alerts long before that.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ class ImpressionLog:
     def _write(self, batch: list[ServedFeed]) -> None:
         with self.conn.pipeline(transaction=False) as pipe:
             for feed in batch:
-                pipe.xadd(keys.SERVED_STREAM, feed.fields(), maxlen=self.config.maxlen, approximate=True)
+                pipe.xadd(keys.SERVED_STREAM, feed.fields())
             pipe.execute()
         self._on_write(len(batch))
 

@@ -106,6 +106,9 @@ class ModelManager:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.checked = threading.Event()
+        """Set once the first look at the registry is over (whatever it found): until then a ranker
+        without a model may still get one, afterwards it serves from the fallback."""
 
     @property
     def registry(self) -> Registry:
@@ -217,6 +220,7 @@ class ModelManager:
                     self.refresh()
                 except Exception as exc:
                     log.error("model_refresh_failed", error=str(exc))
+                self.checked.set()
                 self._stop.wait(self.config.reload_interval.total_seconds())
 
         self._thread = threading.Thread(target=loop, name="model-reload", daemon=True)

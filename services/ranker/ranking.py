@@ -257,9 +257,11 @@ class Ranker:
             fetched, user_id, np.asarray(item_ids, dtype=np.int64), self.clock.now_ms(), slots
         )
         scores = model.score(dense, ids)
+        missing = fetched.snapshot_id is None
         return Prediction(
-            model.variant, model.version, model.feature_version, scores, fetched.snapshot_id is None
-        )
+            model.variant, model.version, model.feature_version, scores, missing,
+            "no_features" if missing else None,
+        )  # fmt: skip
 
     def _log(self, feed: RankedFeed, now: int) -> None:
         self.impressions.record(

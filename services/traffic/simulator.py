@@ -8,6 +8,10 @@ has passed on the world clock (a click comes seconds after the impression, a lik
 dwell), which is what makes labels arrive late, as in production. New catalog items are published
 as the world clock reaches their publish time. This is what gives every model its online click
 rate.
+
+Every batch of events carries an Idempotency-Key and is resent as it was (same key, same body)
+until ingest answers it, so an ingest that crashed or had a full disk mid-batch loses nothing and
+stores nothing twice.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +48,9 @@ class Stats:
     impressions: int = 0
     clicks: int = 0
     events_posted: int = 0
+    events_duplicates: int = 0
     events_rejected: int = 0
+    events_resent: int = 0  # batches sent again after a failure (same key, same body)
     items_published: int = 0
     by_variant: dict[str, list[int]] = field(default_factory=dict)  # variant -> [impressions, clicks]
 
@@ -129,6 +136,7 @@ class TrafficSimulator:
         self.rng = np.random.default_rng(seed)
         self.stats = Stats()
         self._pending: list[tuple[int, int, dict[str, Any]]] = []  # (ts, tiebreak, event) heap
+        self._unsent: list[tuple[str, list[dict[str, Any]]]] = []  # (Idempotency-Key, events) to resend
         self._tiebreak = 0
         self._published_until = int(clock.now_ms())
 
@@ -188,17 +196,38 @@ class TrafficSimulator:
         self._hold(events)
 
     async def flush(self, client: httpx.AsyncClient, everything: bool = False) -> None:
+        """Post due events in keyed batches; batches that failed before are resent first, unchanged."""
         due = self.due_events(2**62 if everything else self.clock.now_ms())
-        for lo in range(0, len(due), self.config.events_batch):
-            batch = due[lo : lo + self.config.events_batch]
-            try:
-                response = await client.post(f"{self.ingest_url}/events", json=batch)
-                report = response.json()
-                self.stats.events_posted += int(report.get("stored", 0))
-                self.stats.events_rejected += int(report.get("quarantined", 0))
-            except (httpx.HTTPError, ValueError) as exc:
-                log.warning("events_post_failed", error=repr(exc), events=len(batch))
-                self._hold(batch)  # try again next flush
+        size = self.config.events_batch
+        batches = self._unsent + [(uuid.uuid4().hex, due[lo : lo + size]) for lo in range(0, len(due), size)]
+        self.stats.events_resent += len(self._unsent)
+        self._unsent = []
+        for key, batch in batches:
+            if not await self.post_events(client, key, batch):
+                self._unsent.append((key, batch))
+
+    async def post_events(self, client: httpx.AsyncClient, key: str, batch: list[dict[str, Any]]) -> bool:
+        """One keyed batch; False when it must be resent (ingest away, busy, or failed mid-batch)."""
+        try:
+            response = await client.post(
+                f"{self.ingest_url}/events", json=batch, headers={"Idempotency-Key": key}
+            )
+        except httpx.HTTPError as exc:
+            log.warning("events_post_failed", error=repr(exc), events=len(batch))
+            return False
+        code = response.status_code
+        if code in (200, 422):
+            report = response.json()
+            self.stats.events_posted += int(report.get("stored", 0))
+            self.stats.events_duplicates += int(report.get("duplicates", 0))
+            self.stats.events_rejected += int(report.get("quarantined", 0))
+            return True
+        if code >= 500 or code in (408, 429) or (code == 409 and "Retry-After" in response.headers):
+            log.warning("events_post_retry", status=code, events=len(batch), detail=response.text[:200])
+            return False
+        log.error("events_post_refused", status=code, events=len(batch), detail=response.text[:200])
+        self.stats.events_rejected += len(batch)  # a refusal that resending cannot change
+        return True
 
     def follow_drift(self) -> None:
         """Pick up drift injected at run time (python -m services.traffic inject-drift)."""
@@ -267,6 +296,11 @@ class TrafficSimulator:
             if tasks:
                 await asyncio.gather(*tasks)
             await self.flush(client, everything=duration_s is not None)
+            for _ in range(5):  # a last chance for batches ingest could not take
+                if not self._unsent:
+                    break
+                await asyncio.sleep(1.0)
+                await self.flush(client)
         self.log_progress()
         return self.stats
 
@@ -280,4 +314,5 @@ class TrafficSimulator:
             degraded=self.stats.degraded,
             ctr_by_variant=ctr,
             pending_events=len(self._pending),
+            unsent_batches=len(self._unsent),
         )

@@ -107,6 +107,7 @@ def test_alert_rules_cover_the_issue() -> None:
         "RankerNoChampionLoaded",
         "QueueBacklog",
         "PipelineStepFailed",
+        "ServedLogBehind",
     } <= names
 
 
@@ -122,5 +123,6 @@ def test_prometheus_scrapes_every_service() -> None:
         "monitor-worker",
         "rq",
         "gateway",
+        "ingest-drain",
     } <= jobs
     assert DASHBOARDS.is_dir()

@@ -391,7 +391,10 @@ def test_fallback_while_redis_is_down_and_recovery_when_it_returns(
         assert all(b["degraded"] and b["variant"] == "fallback" for b in bodies)
         assert bodies[0]["reason"] == "redis_unavailable"
         assert sorted(latencies)[len(latencies) // 2] < 0.05  # the breaker spares later requests the timeout
-        assert client.get("/readyz").status_code == 503
+        ready = client.get("/readyz")  # still in rotation: the fallback answers
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "degraded"
+        assert "feature store unreachable" in ready.json()["problems"][0]
         own_feature_store.start()
         deadline = time.monotonic() + 15
         recovered = False
@@ -399,26 +402,26 @@ def test_fallback_while_redis_is_down_and_recovery_when_it_returns(
             recovered = not client.post("/rank", json={"user_id": 3}).json()["degraded"]
             time.sleep(0.1)
         assert recovered
-        assert client.get("/readyz").status_code == 200
+        assert client.get("/readyz").json()["status"] == "ready"
         text = client.get("/metrics").text
     assert 'feedrank_ranker_fallbacks_total{reason="redis_unavailable"}' in text
 
 
-def test_without_a_model_the_ranker_is_live_but_not_ready(
+def test_without_a_model_the_ranker_answers_from_the_fallback_and_says_so(
     trained_world: TrainedWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FEEDRANK_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/empty/mlflow.db")
     get_settings.cache_clear()
     try:
         with TestClient(create_app(get_settings())) as client:
-            time.sleep(0.5)
             assert client.get("/healthz").status_code == 200
-            ready = client.get("/readyz")
-            assert ready.status_code == 503
-            assert "no model loaded" in ready.json()["detail"]
+            ready = wait_ready(client)  # once the registry was checked and the pools hold items
+            assert ready["status"] == "degraded"
+            assert ready["problems"] == ["no model loaded"]
             body = client.post("/rank", json={"user_id": 1, "k": 3}).json()
             assert body["degraded"]
             assert body["reason"] == "no_model"
+            assert len(body["items"]) == 3
     finally:
         get_settings.cache_clear()
 
@@ -446,7 +449,8 @@ def test_every_served_feed_reaches_the_lake_under_load(trained_world: TrainedWor
             thread.join()
     # leaving the client flushes the log
     lake = Lake(tmp_path / "lake")
-    drain = ServedDrain(trained_world.queue, lake, batch=64, consumer="test")
+    config = trained_world.settings.data_config().ingest.served_drain.model_copy(update={"batch": 64})
+    drain = ServedDrain(trained_world.queue, lake, config, consumer="test")
     while drain.drain_once():
         pass
     served = lake.read_served(0, 4_102_444_800_000)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -64,8 +65,8 @@ def test_empty_lake_reads_empty(tmp_path: Path) -> None:
 def test_a_write_that_dies_halfway_leaves_nothing_visible(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def write_half_then_die(table: pa.Table, where: Path, **_: object) -> None:
-        Path(where).write_bytes(b"PAR1 half a file")
+    def write_half_then_die(table: pa.Table, where: BinaryIO, **_: object) -> None:
+        where.write(b"PAR1 half a file")
         raise OSError("disk full")
 
     monkeypatch.setattr(pq, "write_table", write_half_then_die)
