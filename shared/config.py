@@ -198,6 +198,9 @@ class ServedDrainConfig(StrictModel):
     batch: int = Field(gt=0, description="stream entries per lake file")
     block: Duration = Field(description="wall: how long one read waits for new entries")
     claim_idle: Duration = Field(description="wall: a pending entry idle this long is claimed (XAUTOCLAIM)")
+    every: Duration = Field(
+        description="wall: at most one lake file per this interval (fewer, larger files for the readers)"
+    )
 
 
 class IngestConfig(StrictModel):
@@ -297,7 +300,9 @@ class StepConfig(StrictModel):
 
 class PipelineConfig(StrictModel):
     steps: dict[str, StepConfig]
-    schedule_every: Duration | None = Field(description="wall time between scheduled etl runs; null = off")
+    schedule_every: Duration | None = Field(
+        description="wall time between scheduled runs (data: online-store refreshes); null = off"
+    )
     result_ttl: Duration
     lock_ttl: Duration
 

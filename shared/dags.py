@@ -48,6 +48,23 @@ def etl_pipeline(config: DataConfig) -> Pipeline:
     )
 
 
+def refresh_pipeline(config: DataConfig) -> Pipeline:
+    """materialize only: the online store as of now, from the events already in the lake.
+
+    What the schedule runs: serving needs fresh counters, not a new training set every few
+    minutes (etl builds those when a training wants one; a retrain builds its own)."""
+    return Pipeline(
+        "refresh", (Step("materialize", "services.feature.jobs.materialize", config.queues.features),)
+    )
+
+
+def submit_refresh(conn: Redis, config: DataConfig) -> str | None:
+    clock = AcceleratedClock.shared(conn, config)
+    return PipelineRunner(conn, config.pipeline).submit(
+        refresh_pipeline(config), etl_params(config, "lake", clock=clock)
+    )
+
+
 def dataset_pipeline(config: DataConfig) -> Pipeline:
     """validate -> features -> split on events already in the lake: a retrain's training set.
 

@@ -83,6 +83,24 @@ def _date(ms: int) -> str:
     return from_ms(ms).strftime("%Y-%m-%d")
 
 
+def hour_partition(root: Path, hour_ms: int) -> Path:
+    """The date=/hour= directory of one hour under a partitioned table's root."""
+    hour = from_ms(hour_ms)
+    return root / f"date={hour:%Y-%m-%d}" / f"hour={hour:%H}"
+
+
+def _hour_files(root: Path, start_ms: int, end_ms: int) -> list[str]:
+    """The published parquet files of the hour partitions overlapping [start, end): a reader of a
+    few hours lists those directories only, not every file the table ever got (a live lake gains
+    thousands of small files a day)."""
+    files: list[str] = []
+    for hour_ms in range(start_ms // HOUR_MS * HOUR_MS, max(end_ms, start_ms + 1), HOUR_MS):
+        directory = hour_partition(root, hour_ms)
+        if directory.is_dir():
+            files += sorted(str(p) for p in directory.glob("*.parquet") if not p.name.startswith("."))
+    return files
+
+
 def split_by_period(table: pa.Table, ts_column: str, period_ms: int) -> Iterator[tuple[int, pa.Table]]:
     """Yield (period start ms, rows) for each period the table's timestamps fall in."""
     if table.num_rows == 0:
@@ -146,8 +164,7 @@ class Lake:
 
     def events_file(self, batch_id: str, hour_ms: int) -> Path:
         """The one file of a batch's events of one hour."""
-        hour = from_ms(hour_ms)
-        return self.events_dir / f"date={hour:%Y-%m-%d}" / f"hour={hour:%H}" / f"part-{batch_id}.parquet"
+        return hour_partition(self.events_dir, hour_ms) / f"part-{batch_id}.parquet"
 
     def write_events(self, table: pa.Table, batch_id: str) -> list[Path]:
         """Partition by event hour; one file per (hour, batch)."""
@@ -168,8 +185,7 @@ class Lake:
         from adding files."""
         paths = []
         for hour_ms, part in split_by_period(table, "ts", HOUR_MS):
-            hour = from_ms(hour_ms)
-            path = self.served_dir / f"date={hour:%Y-%m-%d}" / f"hour={hour:%H}" / f"part-{name}.parquet"
+            path = hour_partition(self.served_dir, hour_ms) / f"part-{name}.parquet"
             paths.append(write_parquet_atomic(part.cast(SERVED_SCHEMA), path))
         return paths
 
@@ -177,16 +193,14 @@ class Lake:
         """Served slots with start <= ts < end, one row per (request_id, position) even after replays."""
         if not self.served_dir.exists():
             return SERVED_SCHEMA.empty_table()
-        schema = SERVED_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("hour", pa.int32()))
-        dataset = ds.dataset(self.served_dir, format="parquet", partitioning=_HIVE, schema=schema)
+        files = _hour_files(self.served_dir, start_ms, end_ms)
+        if not files:
+            return SERVED_SCHEMA.empty_table()
         ts_type = SERVED_SCHEMA.field("ts").type
-        condition = (
-            (ds.field("date") >= _date(start_ms))
-            & (ds.field("date") <= _date(max(start_ms, end_ms - 1)))
-            & (ds.field("ts") >= pa.scalar(start_ms, ts_type))
-            & (ds.field("ts") < pa.scalar(end_ms, ts_type))
+        condition = (ds.field("ts") >= pa.scalar(start_ms, ts_type)) & (
+            ds.field("ts") < pa.scalar(end_ms, ts_type)
         )
-        table = dataset.to_table(columns=SERVED_SCHEMA.names, filter=condition)
+        table = ds.dataset(files, format="parquet", schema=SERVED_SCHEMA).to_table(filter=condition)
         if table.num_rows == 0:
             return table
         slot = pc.binary_join_element_wise(table["request_id"], pc.cast(table["position"], pa.string()), "#")
@@ -225,17 +239,15 @@ class Lake:
     # ------------------------------------------------------------------ reads
 
     def read_events(self, start_ms: int, end_ms: int, columns: list[str] | None = None) -> pa.Table:
-        """Events with start <= ts < end, pruning partitions by date first."""
-        if not self.events_dir.exists():
+        """Events with start <= ts < end, reading only the hour partitions of the range."""
+        files = _hour_files(self.events_dir, start_ms, end_ms)
+        if not files:
             return EVENT_SCHEMA.empty_table().select(columns or EVENT_SCHEMA.names)
-        dataset = ds.dataset(self.events_dir, format="parquet", partitioning=_HIVE, schema=_with_partitions())
         ts_type = EVENT_SCHEMA.field("ts").type
-        condition = (
-            (ds.field("date") >= _date(start_ms))
-            & (ds.field("date") <= _date(max(start_ms, end_ms - 1)))
-            & (ds.field("ts") >= pa.scalar(start_ms, ts_type))
-            & (ds.field("ts") < pa.scalar(end_ms, ts_type))
+        condition = (ds.field("ts") >= pa.scalar(start_ms, ts_type)) & (
+            ds.field("ts") < pa.scalar(end_ms, ts_type)
         )
+        dataset = ds.dataset(files, format="parquet", schema=EVENT_SCHEMA)
         return dataset.to_table(columns=columns or EVENT_SCHEMA.names, filter=condition)
 
     def event_time_range(self) -> tuple[int, int] | None:
@@ -278,10 +290,6 @@ class Lake:
         schema = QUARANTINE_SCHEMA.append(pa.field("date", pa.string()))
         table = ds.dataset(directory, format="parquet", partitioning=_HIVE_DATE, schema=schema).to_table()
         return table.select(QUARANTINE_SCHEMA.names)
-
-
-def _with_partitions() -> pa.Schema:
-    return EVENT_SCHEMA.append(pa.field("date", pa.string())).append(pa.field("hour", pa.int32()))
 
 
 def _day_ms(date: str) -> int:

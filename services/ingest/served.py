@@ -195,6 +195,7 @@ class ServedDrain:
         log.info("served_drain_started", consumer=self.consumer)
         failures = 0
         while True:
+            started = time.monotonic()
             try:
                 written = self.drain_once(block_ms)
                 self.observe()
@@ -206,3 +207,5 @@ class ServedDrain:
                 continue
             if written:
                 log.debug("served_drained", feeds=written)
+                # entries wait in the stream meanwhile: the next file holds all of them
+                time.sleep(max(0.0, self.config.every.total_seconds() - (time.monotonic() - started)))

@@ -375,11 +375,15 @@ def assess_window(
 
 
 def alerts_for(result: Assessment, update: TrackUpdate, config: MonitoringConfig) -> list[dict[str, Any]]:
-    """Warnings for a human; alerts for the loop: drift of several features at once, drift of
-    the champion's scores, a fall of its quality (CUSUM alarm), or a promotion on probation doing
-    worse than the champion it replaced."""
+    """Warnings for people, alerts for the loop. A fall of the champion's quality (its CUSUM
+    alarmed) and a promotion on probation doing worse than the champion it replaced are alerts;
+    drift of several features at once or of the champion's scores is an alert only when it is
+    configured to start a retrain (monitoring.retrain.triggers), else a warning at level "alert":
+    a closed loop moves its own distributions, and an alert that fires without a reason to act
+    teaches people to ignore alerts (the loop benchmark measures how often each one fires)."""
     found: list[dict[str, Any]] = []
     cfg = config.drift
+    acted_on = set(config.retrain.triggers)
     window = result.window
     drifted = [f for f in result.features if f.level == "alert"]
     for f in result.features:
@@ -395,30 +399,34 @@ def alerts_for(result: Assessment, update: TrackUpdate, config: MonitoringConfig
                     window,
                     ks=f.ks,
                     ks_critical=f.ks_critical,
-                    level=f.level,
+                    feature_level=f.level,
                 )
             )
     if len(drifted) >= cfg.alert_features:
         found.append(
             alerts.alert(
-                "alert",
+                "alert" if "feature_drift" in acted_on else "warning",
                 "feature_drift",
                 ",".join(f.feature for f in drifted),
                 len(drifted),
                 cfg.alert_features,
                 window,
+                level="alert",
                 model_version=result.champion_version,
             )
         )
     for label, value in result.prediction_psi.items():
         if value >= cfg.prediction_psi_warning:
-            severity = (
+            level = (
                 "alert"
                 if value >= cfg.prediction_psi_alert and result.prediction_significant.get(label, False)
                 else "warning"
             )
+            severity = "alert" if level == "alert" and "prediction_drift" in acted_on else "warning"
             found.append(
-                alerts.alert(severity, "prediction_drift", label, value, cfg.prediction_psi_alert, window)
+                alerts.alert(
+                    severity, "prediction_drift", label, value, cfg.prediction_psi_alert, window, level=level
+                )
             )
     for kind, look in (("quality", update.quality), ("promotion_regression", update.rollback)):
         if look is not None and look.alarm:

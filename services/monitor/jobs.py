@@ -44,7 +44,7 @@ from shared.dags import submit_retrain
 from shared.features import FeatureSpec
 from shared.lake import Lake, write_parquet_atomic
 from shared.modeltags import AB_RESULT_TAG, CANDIDATE_ALIAS, CHALLENGER_SINCE_TAG, GATE_TAG, PIPELINE_RUN_TAG
-from shared.pipeline import PipelineRunner
+from shared.pipeline import TERMINAL, PipelineRunner
 from shared.registry import Registry, VersionInfo
 from shared.settings import Settings, get_settings
 from shared.timeutil import duration_ms, iso
@@ -186,9 +186,15 @@ def act(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     challenger = registry.by_alias(model.registry.challenger_alias)
     pending = json.loads(conn.get(keys.RETRAIN_PENDING) or b"null")
     triggers = [a for a in firing if a["kind"] in monitoring.retrain.triggers]
-    if triggers and challenger is None and candidate is None and pending is None:
+    # one retrain at a time: none while one runs, waits for its gate, or is being A/B tested
+    busy = (
+        challenger is not None or candidate is not None or _retrain_in_flight(conn, data, model, monitoring)
+    )
+    if triggers and not busy and pending is None:
         outcome["retrain"], pending = _schedule_retrain(conn, the_lake, monitoring, run_id, triggers, now)
-    if pending is not None:
+    elif triggers and busy:
+        outcome["retrain"] = "in_flight"
+    if pending is not None and not busy:
         started = _start_due_retrain(conn, the_lake, pending, now, data, model, monitoring)
         if started != "waiting" or "retrain" not in outcome:  # keep "scheduled" on the alert's run
             outcome["retrain"] = started
@@ -196,6 +202,23 @@ def act(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         outcome["ab"] = _decide_ab(conn, the_lake, registry, model, monitoring, challenger, data, now, run_id)
         conn.set(keys.MONITOR_AB, json.dumps({**outcome["ab"], "at": time.time()}, default=float))
     return outcome
+
+
+def _retrain_in_flight(
+    conn: Redis, data: DataConfig, model: ModelConfig, monitoring: MonitoringConfig
+) -> bool:
+    """The retrain last started still has a run (dataset, train, gate) that has not ended."""
+    active = json.loads(conn.get(keys.RETRAIN_ACTIVE) or b"{}")
+    runners = {
+        "dataset": PipelineRunner(conn, data.pipeline),
+        "train": PipelineRunner(conn, model.pipeline),
+        "gate": PipelineRunner(conn, monitoring.pipeline),
+    }
+    for name, runner in runners.items():
+        status = runner.run_status(active[name]) if active.get(name) else None
+        if status is not None and status not in TERMINAL:
+            return True
+    return False
 
 
 def _schedule_retrain(

@@ -2,7 +2,6 @@
 
 python -m tests.benchmarks            # all
 python -m tests.benchmarks etl        # one section (later sections need earlier ones)
-python -m tests.benchmarks monitor    # the live loop on the tiny world (needs no other section)
 python -m tests.benchmarks loop       # the loop's error rates on the loop simulator (no Redis, no lake)
 """
 
@@ -11,17 +10,16 @@ from __future__ import annotations
 import json
 import sys
 
-from tests.benchmarks import bench_etl, bench_loop, bench_monitor, bench_ranker, bench_train
+from tests.benchmarks import bench_etl, bench_loop, bench_ranker, bench_train
 from tests.benchmarks.common import bench_context
 
 SECTIONS = {
     "etl": bench_etl.run,
     "train": bench_train.run,
     "ranker": bench_ranker.run,
-    "monitor": bench_monitor.run,
     "loop": bench_loop.run,
 }
-STANDALONE = {"monitor", "loop"}
+STANDALONE = {"loop"}
 """Sections with a world of their own: they need no earlier section."""
 
 

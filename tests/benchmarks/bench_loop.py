@@ -112,6 +112,9 @@ def _json(summary: dict[str, Any]) -> dict[str, Any]:
                     "ratio_after",
                     "promoted",
                     "recovered",
+                    "loops_promoted",
+                    "recovery_runs_max",
+                    "loops_not_recovered",
                     "loops",
                 )
             }
@@ -147,9 +150,15 @@ def _print(summary: dict[str, Any], cfg: Configs, plan: Plan) -> None:
     )
     print(
         f"  false alarms    {summary['false_alarms']} in {summary['stable_runs']} stable runs "
-        f"(rate {summary['false_alarm_rate']:.4f}, 95% CI {lo:.4f}..{hi:.4f}; target <= 0.001); by kind: "
-        f"{summary['alarms_by_kind'] or 'none'}"
+        f"(rate {summary['false_alarm_rate']:.4f}, 95% CI {lo:.4f}..{hi:.4f}; target <= 0.001): the alerts "
+        f"that start a retrain ({', '.join(cfg.monitoring.retrain.triggers)})"
     )
+    by_kind = summary["alarms_by_kind"]
+    print(
+        "  drift alerts    runs with one, per kind (alerts for people, no retrain): "
+        + (", ".join(f"{kind} {count} ({count / summary['stable_runs']:.3f})" for kind, count in sorted(by_kind.items()))
+           or "none")
+    )  # fmt: skip
     lo, hi = summary["aa_rate_ci"]
     print(
         f"  A/A             {summary['aa_false_promotions']} false promotions in {summary['aa_experiments']} "
@@ -178,5 +187,12 @@ def _print(summary: dict[str, Any], cfg: Configs, plan: Plan) -> None:
         f"  (detected within {plan.max_drift_runs} runs of the onset; P(miss): within {plan.evidence_runs} runs, "
         "from the spread of the CUSUM's evidence; ratios: clicks per oracle-expected click of the champion, "
         "from the first whole-loop run)"
+    )
+    scenario = summary["knobs"][SCENARIO]
+    print(
+        f"  scenario drift, whole loop in every world: promoted in {scenario['loops_promoted']} of "
+        f"{len(scenario['loops'])}; back above the recovery floor ({cfg.monitoring.quality.recovery_tolerance:.0%} "
+        f"below the pre-drift level) after at most {_fmt(scenario['recovery_runs_max'], 0)} runs; "
+        f"never: {scenario['loops_not_recovered']}"
     )
     print(f"  {summary['wall_seconds']:.0f} s")

@@ -1,4 +1,4 @@
-"""The closed loop, live: stable world -> drift -> alert -> retrain -> gate -> A/B -> promotion.
+"""The closed loop, live: stable world -> drift -> alert -> retrain -> gate -> A/B -> recovery.
 
 Everything is real and runs as its own process: Redis, the RQ workers, the ranker and ingest over
 HTTP, the real-time consumer, the impression-log drain, the traffic simulator; a real MLflow
@@ -19,20 +19,24 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 import httpx
+import numpy as np
 from redis import Redis
 
 from shared import keys
 from shared.clock import AcceleratedClock
-from shared.dags import CANDIDATE, submit_etl_then_train, submit_monitor
+from shared.connections import lake
+from shared.dags import submit_etl_then_train, submit_monitor
 from shared.pipeline import PipelineRunner, RunView
 from shared.registry import Registry
 from shared.settings import Settings, get_settings
 from shared.timeutil import iso
 from shared.world.runtime import inject_drift
+from tests.loopsim.drifts import SCENARIO_KNOB, abandoned_topics_swing
 from tests.support import REPO_ROOT, free_port, private_redis, run_worker
 
 
@@ -77,13 +81,12 @@ class LiveStack:
     def start(self) -> None:
         self.spawn("ranker", "services.ranker", "serve", "--port", self.ranker_url.rsplit(":", 1)[1])
         self.spawn("ingest", "services.ingest", "serve", "--port", self.ingest_url.rsplit(":", 1)[1])
-        self.spawn(
-            "worker-data", "services.feature", "worker", "--queues", "ingest", "features", "monitoring"
-        )
+        self.spawn("worker-data", "services.feature", "worker", "--queues", "ingest", "features")
+        self.spawn("worker-monitor", "services.monitor", "worker")  # never queued behind a refresh
         self.spawn("worker-training", "services.trainer", "worker")
         self.spawn("realtime", "services.feature", "realtime")
         self.spawn("drain", "services.ingest", "drain-served")
-        self.spawn("scheduler", "services.feature", "scheduler")  # etl on the lake: fresh online features
+        self.spawn("scheduler", "services.feature", "scheduler")  # refreshes the online store
         self.wait_ready(self.ranker_url)
         self.wait_ready(self.ingest_url)
         self.spawn("traffic", "services.traffic", "run")
@@ -128,17 +131,19 @@ class LiveStack:
 @dataclass
 class ScenarioResult:
     timeline: list[dict[str, Any]]
-    stable_runs: int = 0
+    stable_runs: int = 0  # runs before the injection (warm-up and baseline included)
     stable_alerts: int = 0
+    drift: dict[str, Any] = field(default_factory=dict)
     detection_runs: int | None = None
     detection_sim_minutes: float | None = None
     retrain_runs: dict[str, str] | None = None
-    gate: str | None = None
-    promoted_version: int | None = None
-    alert_to_promotion_s: float | None = None
+    gates: list[str] = field(default_factory=list)
+    promotions: list[dict[str, Any]] = field(default_factory=list)
+    rollbacks: int = 0
     pre_drift_ctr_ratio: float | None = None
-    drifted_ctr_ratio: float | None = None
+    worst_ctr_ratio: float | None = None
     recovered_ctr_ratio: float | None = None
+    recovery_runs: int | None = None
     recovered: bool = False
 
 
@@ -157,8 +162,8 @@ def monitor_once(conn: Redis, settings: Settings, timeout_s: float = 120) -> tup
 
 
 def champion_ratio(report: dict[str, Any]) -> float | None:
-    """The current champion's clicks per oracle-expected click (not a predecessor's, in the window
-    of a promotion)."""
+    """The current champion's clicks per oracle-expected click in the window (its own rows: not a
+    predecessor's, in the window of a promotion)."""
     return next(
         (
             q["ctr_ratio"]
@@ -169,61 +174,86 @@ def champion_ratio(report: dict[str, Any]) -> float | None:
     )
 
 
-def run_scenario(  # noqa: PLR0912 - one timeline, read top to bottom
+def served_topics(settings: Settings, since_ms: int, until_ms: int) -> np.ndarray:
+    """How often each topic was served in [since, until): the impression log joined with the catalog."""
+    the_lake = lake(settings)
+    served = the_lake.read_served(since_ms, until_ms)
+    catalog = the_lake.read_catalog()
+    order = np.argsort(catalog["item_id"].to_numpy())
+    ids, topics = catalog["item_id"].to_numpy()[order], catalog["topic_id"].to_numpy()[order]
+    items = served["item_id"].to_numpy()
+    at = np.clip(np.searchsorted(ids, items), 0, max(ids.size - 1, 0))
+    known = ids[at] == items
+    return np.bincount(topics[at][known], minlength=settings.data_config().world.n_topics)
+
+
+class Cadence:
+    """Monitoring runs every `interval_s` of wall time, as the monitor's schedule starts them."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.next_at = time.monotonic() + interval_s
+
+    def wait(self) -> None:
+        time.sleep(max(0.0, self.next_at - time.monotonic()))
+        self.next_at = max(self.next_at + self.interval_s, time.monotonic())
+
+
+def run_scenario(
     settings: Settings,
-    knob: str = "topic_popularity",
-    knob_params: dict[str, Any] | None = None,
-    stable_runs: int = 4,
-    interval_s: float = 6.0,
-    max_drift_runs: int = 24,  # ~7 simulated hours at interval_s: two tiny 3h windows after the onset
-    max_loop_s: float = 900.0,
     stack: LiveStack | None = None,
-    stop_after: Literal["alert", "gate", "promotion", "recovery"] = "recovery",
+    interval_s: float | None = None,
+    quiet_runs: int = 1,
+    detect_within: int = 3,
+    recover_within: int = 16,
 ) -> ScenarioResult:
-    """The scenario on an already bootstrapped world (a champion is registered); the stack must run."""
+    """The scenario on a bootstrapped world (a champion is registered; the stack runs): a stable
+    world until the champion's baseline is set (plus `quiet_runs`), then the scenario drift
+    (tests/loopsim/drifts.py), then the loop on its own until the champion, whichever version it
+    is by then, is back within the recovery tolerance of its pre-drift level, judged on a window
+    that lies after the onset (or `recover_within` runs pass)."""
     conn = Redis.from_url(str(settings.queue_url))
     data, monitoring = settings.data_config(), settings.monitoring_config()
     registry = Registry(settings.mlflow_tracking_uri, settings.ranking_model_config().registry)
     timeline = Timeline(AcceleratedClock.shared(conn, data))
     result = ScenarioResult(timeline.entries)
-    timeline.mark("stack_up", champion=registry.by_alias("champion").version)  # type: ignore[union-attr]
+    cadence = Cadence(interval_s or monitoring.schedule_every.total_seconds())
+    champion = registry.by_alias("champion")
+    assert champion is not None
+    timeline.mark("stack_up", champion=champion.version)
 
-    # 1. a stable world: the baseline, then runs that must not alert
-    while result.stable_runs < stable_runs:
-        time.sleep(interval_s)
+    # 1. a stable world: warm-up, baseline, then runs that must not alert
+    quiet = 0
+    while quiet < quiet_runs:
+        cadence.wait()
         if stack is not None:
             stack.check()
         view, report = monitor_once(conn, settings)
-        status = report.get("status")
         alerts = [a for a in report.get("alerts", []) if a["severity"] == "alert"]
+        look = report.get("quality_look") or {}
         timeline.mark(
-            "monitor",
-            phase="stable",
-            status=status,
-            run=view.status,
-            alerts=[f"{a['kind']}:{a['what']}" for a in alerts],
-            ctr_ratio=champion_ratio(report),
-            shortfall_p=report.get("ctr_shortfall_p"),
-        )
-        if status == "ok":
-            result.stable_runs += 1
-            result.stable_alerts += len(alerts)
+            "monitor", phase="stable", status=report.get("status"),
+            alerts=[f"{a['kind']}:{a['what']}" for a in alerts], ctr_ratio=champion_ratio(report),
+            cusum=look.get("statistic"),
+        )  # fmt: skip
+        result.stable_runs += 1
+        result.stable_alerts += len(alerts)
+        if report.get("status") == "ok":
+            quiet += 1
             result.pre_drift_ctr_ratio = report.get("baseline_ctr_ratio")
 
-    # 2. drift
+    # 2. the drift: users abandon the topics the champion served most in the last hour
     onset = timeline.clock.now_ms()
+    result.drift = abandoned_topics_swing(served_topics(settings, onset - 3_600_000, onset))
+    inject_drift(conn, data, SCENARIO_KNOB, onset, **result.drift)
     injected_wall_ms = int(time.time() * 1000)
-    inject_drift(conn, data, knob, onset, **(knob_params or {}))
-    timeline.mark("drift_injected", knob=knob, params=knob_params or {})
+    timeline.mark("drift_injected", knob=SCENARIO_KNOB, **result.drift)
 
-    # 3. detection, retrain, gate, A/B, promotion, recovery: the monitor acts by itself
-    deadline = time.monotonic() + max_loop_s
+    # 3. the loop on its own: detection, retrain, gate, A/B, promotion, recovery
+    floor = (result.pre_drift_ctr_ratio or 0.0) * (1 - monitoring.quality.recovery_tolerance)
     runs_after = 0
-    alert_at: float | None = None
-    champion = registry.by_alias("champion")
-    assert champion is not None
-    while time.monotonic() < deadline:
-        time.sleep(interval_s)
+    while runs_after < recover_within or (result.detection_runs is None and runs_after < detect_within):
+        cadence.wait()
         if stack is not None:
             stack.check()
         view, report = monitor_once(conn, settings)
@@ -231,64 +261,43 @@ def run_scenario(  # noqa: PLR0912 - one timeline, read top to bottom
         act = next((s.result for s in view.steps if s.name == "act"), None) or {}
         alerts = [a for a in report.get("alerts", []) if a["severity"] == "alert"]
         ratio = champion_ratio(report)
+        look = report.get("quality_look") or {}
         timeline.mark(
-            "monitor", status=report.get("status"), alerts=[f"{a['kind']}:{a['what']}" for a in alerts],
-            ctr_ratio=ratio, shortfall_p=report.get("ctr_shortfall_p"), act={k: (v.get("decision") if isinstance(v, dict) else v) for k, v in act.items()},
+            "monitor", status=report.get("status"), champion=report.get("champion_version"),
+            alerts=[f"{a['kind']}:{a['what']}" for a in alerts], ctr_ratio=ratio, cusum=look.get("statistic"),
+            act={k: (v.get("decision") if isinstance(v, dict) and "decision" in v else v) for k, v in act.items()},
         )  # fmt: skip
+        if ratio is not None:
+            result.worst_ctr_ratio = min(ratio, result.worst_ctr_ratio or ratio)
         if alerts and result.detection_runs is None:
             result.detection_runs = runs_after
             result.detection_sim_minutes = round((timeline.clock.now_ms() - onset) / 60_000, 1)
-            result.drifted_ctr_ratio = ratio
-            alert_at = time.monotonic()
             timeline.mark("alert", runs_after_drift=runs_after, sim_minutes=result.detection_sim_minutes)
-            if stop_after == "alert":
-                break
-        if "retrain" in act and isinstance(act["retrain"], dict):
+        if isinstance(act.get("retrain"), dict) and result.retrain_runs is None:
             result.retrain_runs = act["retrain"]
             timeline.mark("retrain_started", **act["retrain"])
-        if result.gate is None and (registry.by_alias("challenger") or _gate_failed(conn, injected_wall_ms)):
-            challenger = registry.by_alias("challenger")
-            result.gate = "passed" if challenger else "failed"
-            timeline.mark("gate", result=result.gate, challenger=challenger.version if challenger else None)
-            if stop_after == "gate":
-                break
-        current = registry.by_alias("champion")
-        if current is not None and current.version != champion.version and result.promoted_version is None:
-            result.promoted_version = current.version
-            result.alert_to_promotion_s = round(time.monotonic() - (alert_at or time.monotonic()), 1)
-            timeline.mark("promoted", version=current.version, ab=act.get("ab"))
-            if stop_after == "promotion":
-                break
-        if (
-            result.promoted_version is not None
-            and report.get("champion_version") == result.promoted_version
-            and ratio
-        ):
-            result.recovered_ctr_ratio = ratio
-            if result.pre_drift_ctr_ratio:
-                floor = result.pre_drift_ctr_ratio * (1 - monitoring.quality.recovery_tolerance)
-                result.recovered = ratio >= floor
-                timeline.mark(
-                    "recovery_check",
-                    ctr_ratio=ratio,
-                    pre_drift=result.pre_drift_ctr_ratio,
-                    floor=round(floor, 4),
-                    recovered=result.recovered,
-                )
-                if result.recovered:
-                    break
-        if result.detection_runs is None and runs_after >= max_drift_runs:
+        if result.detection_runs is None and runs_after >= detect_within:
             timeline.mark("no_alert", runs_after_drift=runs_after)
             break
-        _ = CANDIDATE  # a candidate is between training and the gate; nothing to do but wait
+        window_start = parse_ms(report.get("window", {}).get("start"))
+        after_onset = window_start is not None and window_start >= onset
+        if result.detection_runs is not None and after_onset and ratio is not None and ratio >= floor:
+            result.recovered, result.recovered_ctr_ratio, result.recovery_runs = True, ratio, runs_after
+            timeline.mark("recovered", ctr_ratio=ratio, floor=round(floor, 4), runs_after_drift=runs_after)
+            break
+    decisions = [
+        json.loads(fields[b"entry"]) for _, fields in conn.xrange(keys.AUDIT, min=str(injected_wall_ms))
+    ]
+    result.gates = [d["kind"] for d in decisions if d["kind"].startswith("gate_")]
+    result.promotions = [d for d in decisions if d["kind"] == "promoted"]
+    result.rollbacks = sum(1 for d in decisions if d["kind"] == "rolled_back")
     return result
 
 
-def _gate_failed(conn: Redis, since_wall_ms: int) -> bool:
-    """A gate failed after `since_wall_ms` (audit stream ids are wall milliseconds): a retrain of
-    the stable phase is not the drift's."""
-    entries = conn.xrevrange(keys.AUDIT, min=str(since_wall_ms), count=20)
-    return any(json.loads(f[b"entry"])["kind"] == "gate_failed" for _, f in entries)
+def parse_ms(value: str | None) -> int | None:
+    if not value:
+        return None
+    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
 
 
 def bootstrap(settings: Settings, env: dict[str, str]) -> None:

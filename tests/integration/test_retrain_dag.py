@@ -1,12 +1,11 @@
 """The retraining DAG trains on the recent window it was asked for, not on whatever dataset an
-unrelated etl run happens to write: the scheduled etl's span and splits are the bootstrap's."""
+unrelated etl run happens to write (an etl run's span and splits are the bootstrap's)."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.feature.schedule import scheduled_etl
-from shared.dags import submit_retrain
+from shared.dags import submit_etl, submit_retrain
 from shared.lake import dataset_id
 from shared.pipeline import PipelineRunner
 from shared.settings import Settings
@@ -16,7 +15,7 @@ from tests.conftest import RedisPair
 pytestmark = pytest.mark.integration
 
 
-def test_a_retrain_builds_and_trains_on_its_own_recent_window_while_a_scheduled_etl_runs(
+def test_a_retrain_builds_and_trains_on_its_own_recent_window_while_an_etl_runs(
     settings: Settings, redis_pair: RedisPair
 ) -> None:
     data, model, monitoring = (
@@ -24,12 +23,12 @@ def test_a_retrain_builds_and_trains_on_its_own_recent_window_while_a_scheduled_
         settings.ranking_model_config(),
         settings.monitoring_config(),
     )
-    scheduled = scheduled_etl()
-    assert scheduled is not None  # holds the etl pipeline's lock
+    etl = submit_etl(redis_pair.queue, data, "lake")
+    assert etl is not None  # holds the etl pipeline's lock
 
-    runs = submit_retrain(redis_pair.queue, data, model, monitoring, "feature_drift:test")
+    runs = submit_retrain(redis_pair.queue, data, model, monitoring, "quality:test")
 
-    assert runs is not None, "a scheduled etl run blocked the retrain"
+    assert runs is not None, "an etl run blocked the retrain"
     dataset_run = PipelineRunner(redis_pair.queue, data.pipeline).run(runs["dataset"])
     train_run = PipelineRunner(redis_pair.queue, model.pipeline).run(runs["train"])
     assert dataset_run is not None

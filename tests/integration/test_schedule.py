@@ -1,12 +1,12 @@
-"""The etl schedule: RQ's cron scheduler enqueues a trigger at the configured interval, and the
-trigger never starts a second run while one is active."""
+"""The online store's refresh schedule: RQ's cron scheduler enqueues a trigger at the configured
+interval, and the trigger never starts a second run while one is active."""
 
 from __future__ import annotations
 
 import pytest
 from rq import Queue
 
-from services.feature.schedule import build_scheduler, scheduled_etl
+from services.feature.schedule import build_scheduler, scheduled_refresh
 from shared.config import DataConfig, load_config
 from shared.pipeline import PipelineRunner
 from shared.settings import REPO_CONFIG_DIR, Settings
@@ -23,7 +23,7 @@ def test_scheduler_uses_the_configured_interval(redis_pair: RedisPair) -> None:
     assert job.queue_name == config.queues.features
     cron.enqueue_jobs()
     queued = Queue(config.queues.features, connection=redis_pair.queue).jobs
-    assert [j.func_name for j in queued] == ["services.feature.schedule.scheduled_etl"]
+    assert [j.func_name for j in queued] == ["services.feature.schedule.scheduled_refresh"]
 
 
 def test_no_schedule_when_disabled(redis_pair: RedisPair) -> None:
@@ -36,9 +36,10 @@ def test_no_schedule_when_disabled(redis_pair: RedisPair) -> None:
 
 
 def test_trigger_never_starts_two_runs(settings: Settings, redis_pair: RedisPair) -> None:
-    first = scheduled_etl()
+    first = scheduled_refresh()
     assert first is not None
-    assert scheduled_etl() is None
+    assert scheduled_refresh() is None
     runner = PipelineRunner(redis_pair.queue, settings.data_config().pipeline)
-    assert runner.active_run("etl") == first
-    assert [v.run_id for v in runner.runs("etl")] == [first]
+    assert runner.active_run("refresh") == first
+    assert [v.run_id for v in runner.runs("refresh")] == [first]
+    assert [s.name for s in runner.runs("refresh")[0].steps] == ["materialize"]

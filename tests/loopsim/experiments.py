@@ -90,7 +90,7 @@ def run_world(configs: Configs, seed: int, plan: Plan) -> WorldResult:
             forks.append(twin.fork(1000 + index))
         record = twin.step()
         result.stable_runs += 1
-        kinds = {a.split(":")[0] for a in record.alerts}
+        kinds = {a.split(":")[0] for a in [*record.alerts, *record.drift]}
         for kind in kinds:
             result.alarms[kind] = result.alarms.get(kind, 0) + 1
         result.false_alarm_runs += int(bool(triggers(twin, record)))
@@ -109,8 +109,8 @@ def run_world(configs: Configs, seed: int, plan: Plan) -> WorldResult:
         detect(fork.fork(7 + i), SCENARIO_KNOB, scenario_params(fork), plan)
         for i, fork in enumerate(forks[: plan.scenario_forks])
     ]
-    if seed < plan.loop_worlds:
-        result.loops[SCENARIO] = full_loop(forks[0].fork(99), SCENARIO_KNOB, scenario_params(forks[0]), plan)
+    # the scenario runs the whole loop in every world: its recovery bound is the live test's
+    result.loops[SCENARIO] = full_loop(forks[0].fork(99), SCENARIO_KNOB, scenario_params(forks[0]), plan)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -171,6 +171,16 @@ def full_loop(twin: Twin, knob: str, params: dict[str, Any], plan: Plan) -> dict
             ratios.append((run, record.champion_ratio, record.champion))
         if first_alert is None and triggers(twin, record):
             first_alert = run
+    floor = (1 - twin.configs.monitoring.quality.recovery_tolerance) * before if before else None
+    window_runs = math.ceil(
+        duration_ms(twin.configs.monitoring.windows.serving)
+        / twin.configs.sim_ms(twin.configs.monitoring.schedule_every)
+    )
+    recovery = next(
+        (run for run, r, _ in ratios if first_alert is not None and run >= max(first_alert, window_runs)
+         and floor is not None and r >= floor),
+        None,
+    )  # fmt: skip
     decisions = twin.audit[audit_from:]
     promoted = [d for d in decisions if d["kind"] == "promoted"]
     worst = min((r for _, r, _ in ratios), default=None)
@@ -188,6 +198,7 @@ def full_loop(twin: Twin, knob: str, params: dict[str, Any], plan: Plan) -> dict
         "promoted": bool(promoted),
         "promoted_after_hours": round((promoted[0]["at"] - onset) / 3.6e6, 2) if promoted else None,
         "recovered": bool(before and after and after >= 0.95 * before),
+        "recovery_runs": recovery,  # first run judging a window after the onset above the floor
         "trajectory": [(run, round(r, 4), v) for run, r, v in ratios],
     }
 
@@ -375,6 +386,11 @@ def summarise(results: list[WorldResult], plan: Plan, configs: Configs) -> dict[
             "ratio_after": loop.get("ratio_after"),
             "promoted": loop.get("promoted"),
             "recovered": loop.get("recovered"),
+            "loops_promoted": sum(1 for item in loops if item["promoted"]),
+            "recovery_runs_max": max(
+                (item["recovery_runs"] for item in loops if item["recovery_runs"] is not None), default=None
+            ),
+            "loops_not_recovered": sum(1 for item in loops if item["recovery_runs"] is None),
             "loops": [{k: v for k, v in item.items() if k != "trajectory"} for item in loops],
         }
     return {

@@ -112,8 +112,9 @@ class RunRecord:
     challenger: int | None
     champion_ratio: float | None  # champion's clicks per oracle-expected click in the window
     cusum: float | None
-    alerts: list[str]
+    alerts: list[str]  # severity alert: what the loop acts on
     actions: dict[str, Any]
+    drift: list[str] = field(default_factory=list)  # drift records at level alert (alerts for people)
 
 
 @dataclass
@@ -531,6 +532,7 @@ class Twin:
         record = RunRecord(
             end, result.status, version, self.challenger.version if self.challenger else None, champion_ratio,
             look.get("statistic"), [f"{a['kind']}:{a['what']}" for a in firing], actions,
+            [f"{a['kind']}:{a['what']}" for a in result.alerts if a.get("level") == "alert"],
         )  # fmt: skip
         self.runs.append(record)
         return record
