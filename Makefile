@@ -20,7 +20,7 @@ LOADTEST_DURATION ?= 30s
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup test lint format bench loadtest run redis redis-stop clean \
+.PHONY: help setup test lint format bench bench-loop loadtest run redis redis-stop clean \
         wheels stack-env images up down e2e docs prometheus-check
 
 help: ## list the targets
@@ -50,6 +50,9 @@ format: setup ## apply ruff's formatting and safe fixes
 
 bench: setup ## benchmarks on ~1M events: ETL throughput and memory, training, ranking quality, ranker latency
 	$(BIN)/python -m tests.benchmarks
+
+bench-loop: setup ## the learning loop's error rates on the loop simulator (false alarms, A/A, power, drift knobs; ~15 min)
+	$(BIN)/python -m tests.benchmarks loop
 
 loadtest: setup ## Locust load on a running ranker at RANKER_URL (starts none): rps, p50/p95/p99
 	@$(BIN)/python -c "import urllib.request; urllib.request.urlopen('$(RANKER_URL)/readyz', timeout=5)" 2>/dev/null \

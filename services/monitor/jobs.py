@@ -355,7 +355,18 @@ def _decide_ab(
             conn, the_lake.root, "promoted", challenger_version=challenger.version, why="no champion"
         )
         return {"decision": "promoted", "why": "no champion"}
-    since = int(challenger.tags.get(CHALLENGER_SINCE_TAG, "0") or 0)
+    if not challenger.tags.get(CHALLENGER_SINCE_TAG):
+        # a challenger set by hand (or by a gate that crashed before tagging it): its test starts now
+        registry.set_version_tag(challenger.version, CHALLENGER_SINCE_TAG, str(now))
+        audit.record(
+            conn, the_lake.root, "challenger_test_started", challenger_version=challenger.version, at_ms=now
+        )
+        return {
+            "decision": "collecting",
+            "why": "the challenger's test starts now",
+            "challenger_version": challenger.version,
+        }
+    since = int(challenger.tags[CHALLENGER_SINCE_TAG])
     until = now - duration_ms(monitoring.windows.label_delay)
     served = the_lake.read_served(since, until)
     engagements = the_lake.read_events(since, until + duration_ms(data.features.label_window),

@@ -263,8 +263,11 @@ def decide_ab(
         "elapsed_ms": elapsed_ms,
         "alpha": config.alpha,
     }
+    out_of_time = elapsed_ms >= int(config.max_duration.total_seconds() * 1000)
     if not enough or not math.isfinite(tau):
         figures["p_value"] = state.p_value
+        if out_of_time:  # e.g. a challenger no ranker could serve: it never got its users
+            return state, AbDecision("reject", "max_duration reached with too few users to judge", figures)
         return state, AbDecision("collecting", f"fewer than {config.min_users} users per arm", figures)
 
     main = msprt(difference, variance, tau, config.alpha, state.p_value)
@@ -290,16 +293,18 @@ def decide_ab(
         calibration_champion=c_cal.value,
         looks=new_state.looks,
     )
+    verdict: AbVerdict
     guardrail = _guardrail_failure(hides, calibration)
     if guardrail is not None:
-        return new_state, AbDecision("reject", guardrail, figures)
-    if main.p_value <= config.alpha:
-        if difference > 0:
-            return new_state, AbDecision("promote", "challenger CTR significantly higher", figures)
-        return new_state, AbDecision("reject", "challenger CTR significantly lower", figures)
-    if elapsed_ms >= int(config.max_duration.total_seconds() * 1000):
-        return new_state, AbDecision("reject", "max_duration reached without a significant lift", figures)
-    return new_state, AbDecision("collecting", "no significant difference yet", figures)
+        verdict, why = "reject", guardrail
+    elif main.p_value <= config.alpha:
+        verdict = "promote" if difference > 0 else "reject"
+        why = f"challenger CTR significantly {'higher' if difference > 0 else 'lower'}"
+    elif out_of_time:
+        verdict, why = "reject", "max_duration reached without a significant lift"
+    else:
+        verdict, why = "collecting", "no significant difference yet"
+    return new_state, AbDecision(verdict, why, figures)
 
 
 def _relative_ci(test: SequentialTest, base: float) -> list[float]:

@@ -19,6 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     drift = sub.add_parser("inject-drift", help="start a drift knob now (or clear all with --clear)")
     drift.add_argument("knob", nargs="?", choices=list(DriftConfig.model_fields))
     drift.add_argument("--clear", action="store_true", help="remove every injected drift")
+    drift.add_argument(
+        "--params", default="{}", metavar="JSON", help="knob parameters, e.g. '{\"delta_logit\": 2.0}'"
+    )
+    drift.add_argument(
+        "--against-served",
+        action="store_true",
+        help="topic_popularity only: the topics served most in the last simulated hour fall, the least rise",
+    )
     args = parser.parse_args(argv)
     if args.command == "inject-drift":
         return _inject(args)
@@ -57,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _inject(args: argparse.Namespace) -> int:
     from shared.clock import AcceleratedClock
-    from shared.connections import queue_redis
+    from shared.connections import lake, queue_redis
     from shared.settings import get_settings
-    from shared.timeutil import iso
-    from shared.world.runtime import clear_drift, inject_drift
+    from shared.timeutil import HOUR_MS, iso
+    from shared.world.runtime import abandoned_topics_swing, clear_drift, inject_drift, served_topic_counts
 
     settings = get_settings()
     conn = queue_redis(settings)
@@ -73,7 +81,28 @@ def _inject(args: argparse.Namespace) -> int:
         return 2
     data = settings.data_config()
     now = AcceleratedClock.shared(conn, data).now_ms()
-    overrides = inject_drift(conn, data, args.knob, now)
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as exc:
+        print(f"--params is not JSON: {exc}", file=sys.stderr)
+        return 2
+    if args.against_served:
+        if args.knob != "topic_popularity":
+            print("--against-served aims the topic_popularity knob only", file=sys.stderr)
+            return 2
+        the_lake = lake(settings)
+        counts = served_topic_counts(
+            the_lake.read_served(now - HOUR_MS, now), the_lake.read_catalog(), data.world.n_topics
+        )
+        if counts.sum() == 0:
+            print("nothing was served in the last simulated hour: no topics to aim at", file=sys.stderr)
+            return 1
+        params = {**abandoned_topics_swing(counts), **params}
+    try:
+        overrides = inject_drift(conn, data, args.knob, now, **params)
+    except ValueError as exc:  # an unknown knob or parameters the config rejects
+        print(f"cannot inject {args.knob}: {exc}", file=sys.stderr)
+        return 2
     print(f"{args.knob} starts at sim time {iso(now)}; injected drift now: {json.dumps(overrides)}")
     return 0
 

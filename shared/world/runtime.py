@@ -7,6 +7,8 @@ import json
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 from redis import Redis
 
 from shared import keys
@@ -46,3 +48,31 @@ def inject_drift(conn: Redis, config: DataConfig, knob: str, at_ms: int, **param
 
 def clear_drift(conn: Redis) -> None:
     conn.delete(keys.WORLD_DRIFT)
+
+
+def served_topic_counts(served: pa.Table, catalog: pa.Table, n_topics: int) -> np.ndarray:
+    """How often each topic was served: the impression log's items looked up in the catalog."""
+    order = np.argsort(catalog["item_id"].to_numpy())
+    ids, topics = catalog["item_id"].to_numpy()[order], catalog["topic_id"].to_numpy()[order]
+    items = served["item_id"].to_numpy()
+    if ids.size == 0 or items.size == 0:
+        return np.zeros(n_topics, dtype=np.int64)
+    at = np.clip(np.searchsorted(ids, items), 0, ids.size - 1)
+    known = ids[at] == items
+    return np.bincount(topics[at][known], minlength=n_topics)
+
+
+def abandoned_topics_swing(
+    served_topic_counts: np.ndarray, topics: int = 2, delta_logit: float = 3.0
+) -> dict[str, Any]:
+    """Topic-popularity parameters aimed where it hurts the ranker: users abandon the `topics`
+    topics it served most lately and take to the ones it served least. Aimed anywhere, the same
+    swing costs the champion anything from nothing to 40 %, depending on what it happens to
+    recommend at the time; aimed here it costs ~40 % for hours (the loop benchmark's "scenario"
+    drift), which is what a demo, and a test that must never flake, need."""
+    order = np.argsort(-np.asarray(served_topic_counts), kind="stable")
+    return {
+        "delta_logit": delta_logit,
+        "falling_topics": [int(t) for t in order[:topics]],
+        "rising_topics": [int(t) for t in order[-topics:]],
+    }

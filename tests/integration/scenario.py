@@ -35,7 +35,7 @@ from shared.pipeline import PipelineRunner, RunView
 from shared.registry import Registry
 from shared.settings import Settings, get_settings
 from shared.timeutil import iso
-from shared.world.runtime import inject_drift
+from shared.world.runtime import inject_drift, served_topic_counts
 from tests.loopsim.drifts import SCENARIO_KNOB, abandoned_topics_swing
 from tests.support import REPO_ROOT, free_port, private_redis, run_worker
 
@@ -175,16 +175,13 @@ def champion_ratio(report: dict[str, Any]) -> float | None:
 
 
 def served_topics(settings: Settings, since_ms: int, until_ms: int) -> np.ndarray:
-    """How often each topic was served in [since, until): the impression log joined with the catalog."""
+    """How often each topic was served in [since, until), from the lake."""
     the_lake = lake(settings)
-    served = the_lake.read_served(since_ms, until_ms)
-    catalog = the_lake.read_catalog()
-    order = np.argsort(catalog["item_id"].to_numpy())
-    ids, topics = catalog["item_id"].to_numpy()[order], catalog["topic_id"].to_numpy()[order]
-    items = served["item_id"].to_numpy()
-    at = np.clip(np.searchsorted(ids, items), 0, max(ids.size - 1, 0))
-    known = ids[at] == items
-    return np.bincount(topics[at][known], minlength=settings.data_config().world.n_topics)
+    return served_topic_counts(
+        the_lake.read_served(since_ms, until_ms),
+        the_lake.read_catalog(),
+        settings.data_config().world.n_topics,
+    )
 
 
 class Cadence:

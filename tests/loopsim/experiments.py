@@ -41,10 +41,10 @@ class Plan:
     stable_runs: int = 260  # per world, after the baseline
     forks: int = 5  # per world: drift onsets spread over the stable phase
     scenario_forks: int = 10  # per world, for the scenario drift
-    max_drift_runs: int = 18  # runs after an onset within which a drift must be detected
+    max_drift_runs: int = 12  # runs (6 simulated hours) after an onset to detect a drift in
     evidence_runs: int = 2  # runs whose CUSUM evidence estimates the scenario's miss probability
     loop_worlds: int = 2  # worlds on which every knob also runs the whole loop
-    loop_runs: int = 60
+    loop_runs: int = 36  # 18 simulated hours
     aa_per_world: int = 50
     power_per_world: int = 25
     lift: float = 0.10  # relative CTR lift of the power experiments

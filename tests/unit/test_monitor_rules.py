@@ -240,6 +240,12 @@ def test_ab_keeps_collecting_below_the_minimum_number_of_users_whatever_the_lift
     assert decision.decision == "collecting"
 
 
+def test_a_challenger_that_never_gets_its_users_is_rejected_once_its_time_is_up() -> None:
+    _, decision = decide_ab(AbState(), arm(800, 0.1, 1), ArmSample.empty(), 12 * HOUR, AB)
+    assert decision.decision == "reject"
+    assert "too few users" in decision.why
+
+
 def test_ab_promotes_a_clearly_better_challenger_and_rejects_a_clearly_worse_one() -> None:
     _, better = decide_ab(AbState(), arm(800, 0.10, 1), arm(800, 0.13, 2, offset=800), HOUR, AB)
     assert better.decision == "promote"
