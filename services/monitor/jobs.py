@@ -179,7 +179,7 @@ def act(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         outcome["rollback"] = _roll_back(conn, the_lake, registry, monitoring, run_id, firing)
     candidate = registry.by_alias(CANDIDATE_ALIAS)
     if candidate is not None:
-        stale = _clear_stale_candidate(conn, the_lake, registry, data, candidate, monitoring)
+        stale = _clear_stale_candidate(conn, the_lake, registry, candidate, monitoring, now)
         if stale is not None:
             outcome["stale_candidate"] = stale
             candidate = None
@@ -277,9 +277,9 @@ def _clear_stale_candidate(
     conn: Redis,
     the_lake: Lake,
     registry: Registry,
-    data: DataConfig,
     candidate: VersionInfo,
     monitoring: MonitoringConfig,
+    now: int,
 ) -> dict[str, Any] | None:
     """A candidate whose gate crashed, timed out or never ran would block retraining forever:
     clear it, tag it, audit it, and schedule the retrain again (now, without a new alert)."""
@@ -293,7 +293,6 @@ def _clear_stale_candidate(
         return None
     registry.remove_alias(CANDIDATE_ALIAS)
     registry.set_version_tag(candidate.version, GATE_TAG, "stale")
-    now = AcceleratedClock.shared(conn, data).now_ms()
     reason = f"retry after stale candidate v{candidate.version}"
     conn.set(keys.RETRAIN_PENDING, json.dumps({"reason": reason, "due_ms": now, "monitor_run": None}))
     audit.record(
