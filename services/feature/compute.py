@@ -286,3 +286,21 @@ class Counters:
             measure = name.split("_")[1]
             by_name[name] = self.entity("item", measure, items, ts, spec.long_window_ms)
         return np.column_stack([by_name[name] for name in spec.item_fields]).astype(np.float64)
+
+
+def snapshot_rows(
+    spec: FeatureSpec, events: pa.Table, catalog: pa.Table, as_of_ms: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The online store's rows as of `as_of_ms`: (user ids, user rows, item ids, item rows) of the
+    users in `events` and every item of `catalog`, by the counters the training sets use."""
+    counters = Counters(spec, event_log(events, catalog))
+    users = np.unique(events["user_id"].to_numpy()) if events.num_rows else np.zeros(0, np.int64)
+    items = catalog["item_id"].to_numpy()
+    item_rows = counters.item_rows(
+        items,
+        catalog["creator_id"].to_numpy(),
+        catalog["topic_id"].to_numpy(),
+        catalog["published_at"].cast(pa.int64()).to_numpy(),
+        as_of_ms,
+    )
+    return users, counters.user_rows(users, as_of_ms), items, item_rows

@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import structlog
 
-from services.feature.compute import Counters, event_log
+from services.feature.compute import snapshot_rows
 from services.feature.datasets import (
     DatasetWindow,
     FeatureValidationError,
@@ -153,17 +152,7 @@ def materialize(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     catalog = catalog.filter(pc.less_equal(catalog["published_at"].cast(pa.int64()), as_of))
     if catalog.num_rows == 0:
         raise PermanentStepError("the catalog is empty: nothing to materialize")
-    counters = Counters(spec, event_log(events, catalog))
-    users = np.unique(events["user_id"].to_numpy()) if events.num_rows else np.zeros(0, np.int64)
-    items = catalog["item_id"].to_numpy()
-    user_rows = counters.user_rows(users, as_of)
-    item_rows = counters.item_rows(
-        items,
-        catalog["creator_id"].to_numpy(),
-        catalog["topic_id"].to_numpy(),
-        catalog["published_at"].cast(pa.int64()).to_numpy(),
-        as_of,
-    )
+    users, user_rows, items, item_rows = snapshot_rows(spec, events, catalog, as_of)
     snapshot = feature_store(settings).publish(spec, as_of, users, user_rows, items, item_rows)
     return {
         "feature_version": snapshot.feature_version,

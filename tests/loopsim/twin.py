@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from services.feature.compute import Counters, event_log
+from services.feature.compute import snapshot_rows
 from services.feature.datasets import DatasetWindow, build_examples, split_by_time
 from services.monitor.assess import (
     CHAMPION_VARIANT,
@@ -279,24 +279,8 @@ class Twin:
         """Materialise the online store as of now (the scheduled etl's last step)."""
         as_of = self.now_ms
         events = self.events_between(as_of - self.lookback_ms(), as_of)
-        catalog = self.catalog(as_of)
-        counters = Counters(self.spec, event_log(events, catalog))
-        users = np.unique(events["user_id"].to_numpy()) if events.num_rows else np.zeros(0, np.int64)
-        items = catalog["item_id"].to_numpy()
-        item_rows = counters.item_rows(
-            items,
-            catalog["creator_id"].to_numpy(),
-            catalog["topic_id"].to_numpy(),
-            catalog["published_at"].cast(pa.int64()).to_numpy(),
-            as_of,
-        )
-        self.snapshot = Snapshot(
-            as_of,
-            {int(u): i for i, u in enumerate(users)},
-            counters.user_rows(users, as_of),
-            items,
-            item_rows,
-        )
+        users, user_rows, items, item_rows = snapshot_rows(self.spec, events, self.catalog(as_of), as_of)
+        self.snapshot = Snapshot(as_of, {int(u): i for i, u in enumerate(users)}, user_rows, items, item_rows)
 
     def _pools(self, at_ms: int) -> Pools:
         """The candidate stage's pools from the real-time signals: clicks over the last popularity
