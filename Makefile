@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv with every service's dependencies and the dev tools
-	@test -f .env || cp .env.example .env
+	@$(MAKE) --no-print-directory stack-env
 
 test: setup ## unit and integration tests (they start their own Redis: Docker or redis-server)
 	$(BIN)/pytest -m "not e2e"
@@ -96,10 +96,13 @@ wheels: ## copy this machine's local CPU torch wheel (pip's find-links) into whe
 	 if [ -n "$$found" ]; then echo "wheels/: $$found (the trainer image installs torch from it)"; \
 	 else echo "wheels/: no local torch $(TORCH_VERSION) CPU wheel; the trainer image takes torch from the CPU index"; fi
 
-stack-env: ## create .env from .env.example, or add the keys a newer .env.example introduced
-	@test -f .env || cp .env.example .env
+stack-env: ## create .env from .env.example with random secrets, add keys a newer .env.example introduced, refuse placeholders
+	@test -f .env || { touch .env && chmod 600 .env && echo ".env: created (random secrets)"; }
 	@grep -E '^[A-Z_]+=' .env.example | while IFS='=' read -r key value; do \
-	   grep -q "^$$key=" .env || { echo "$$key=$$value" >> .env; echo ".env: added $$key"; }; done
+	   grep -q "^$$key=" .env && continue; \
+	   case "$$value" in change-me*) value=$$(python3 -c 'import secrets; print(secrets.token_hex(24))');; esac; \
+	   echo "$$key=$$value" >> .env; done
+	@! grep -qE '^[A-Z_]+=change-me' .env || { echo "make: .env still holds change-me placeholders ($$(grep -oE '^[A-Z_]+=change-me' .env | cut -d= -f1 | xargs)): put secrets there, or delete .env to have random ones generated" >&2; exit 1; }
 
 images: wheels ## build every image of the stack (torch only in the trainer's, and never a CUDA build)
 	GIT_SHA=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(COMPOSE) build
