@@ -1,4 +1,5 @@
-"""`make bench`: every benchmark in order on one private Redis and lake, figures printed and as JSON.
+"""`make bench`: every benchmark in order on one private Redis and lake, figures printed, as JSON
+and recorded in docs/benchmarks.md (tests/benchmarks/report.py).
 
 python -m tests.benchmarks            # all
 python -m tests.benchmarks etl        # one section (later sections need earlier ones)
@@ -11,7 +12,8 @@ import json
 import sys
 
 from tests.benchmarks import bench_etl, bench_loop, bench_ranker, bench_train
-from tests.benchmarks.common import bench_context
+from tests.benchmarks.common import PROFILE, bench_context
+from tests.benchmarks.report import PAGE, record
 
 SECTIONS = {
     "etl": bench_etl.run,
@@ -37,7 +39,13 @@ def main(argv: list[str]) -> int:
         for name in order:  # later chained sections build on earlier ones
             figures[name] = SECTIONS[name](ctx)
             print()
-    print("BENCH_JSON " + json.dumps({k: v for k, v in figures.items() if k in wanted}))
+    measured = {k: v for k, v in figures.items() if k in wanted}
+    print("BENCH_JSON " + json.dumps(measured, default=float))
+    # Standalone sections always use their own world; the others are the record only on `bench`.
+    recorded = {k: v for k, v in measured.items() if k in STANDALONE or PROFILE == "bench"}
+    if recorded:
+        record(recorded)
+        print(f"figures of {', '.join(recorded)} recorded in {PAGE.relative_to(PAGE.parents[1])}")
     return 0
 
 
