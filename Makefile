@@ -5,10 +5,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch is pinned; on machines without a local CPU wheel set TORCH_INDEX to avoid the CUDA build:
-#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
-TORCH_INDEX ?=
-TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+# torch is pinned and always the CPU build: a local wheel (pip's find-links) when there is one, else
+# from TORCH_INDEX. PyPI's own torch for Linux is the multi-GB CUDA build: never taken unless asked
+# (make setup TORCH_INDEX=https://pypi.org/simple).
+TORCH_VERSION := 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # Local runs keep their own Redis on this port (never the machine's shared 6379).
 LOCAL_REDIS_PORT ?= 6390
 RUN_DIR := .run
@@ -29,7 +30,8 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) torch==2.13.0
+	$(BIN)/pip install --quiet --no-index --no-deps torch==$(TORCH_VERSION) 2>/dev/null \
+	  || $(BIN)/pip install --quiet --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -e ".[all]"
 	touch $(STAMP)
 
@@ -85,7 +87,6 @@ clean: redis-stop ## remove local data, caches and the virtualenv
 
 # ---- The Docker Compose stack (compose.yaml). Runbook: README.md, "Running the stack".
 COMPOSE ?= docker compose
-TORCH_VERSION := 2.13.0
 
 wheels: ## copy this machine's local CPU torch wheel (pip's find-links) into wheels/ for the trainer image
 	@mkdir -p wheels

@@ -171,7 +171,7 @@ def save_checkpoint(result: TrainResult, path: Any) -> None:
 
 
 def load_checkpoint(path: Any) -> tuple[nn.Module, ModelSpec]:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
     spec = ModelSpec.from_dict(payload["spec"])
     model = build_model(spec)
     model.load_state_dict(payload["state_dict"])
