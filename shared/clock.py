@@ -29,9 +29,6 @@ class FixedClock:
     def now_ms(self) -> int:
         return self._now_ms
 
-    def advance(self, ms: int) -> None:
-        self._now_ms += ms
-
 
 class AcceleratedClock:
     """sim_now = live_start + (wall_now - wall_anchor) * speedup."""

@@ -104,10 +104,6 @@ def reliability(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> Rel
     return Reliability(edges, mean_p, rate, counts)
 
 
-def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> float:
-    return reliability(labels, probabilities, bins).ece
-
-
 def lift_share(model: float, baseline: float, oracle: float) -> float:
     """How much of the possible improvement over the baseline the model achieves: 1.0 = the oracle."""
     gap = oracle - baseline

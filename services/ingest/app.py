@@ -82,13 +82,7 @@ def get_ingestor(request: Request) -> Ingestor:
     return ingestor
 
 
-def get_config(request: Request) -> DataConfig:
-    config: DataConfig = request.app.state.config
-    return config
-
-
 IngestorDep = Annotated[Ingestor, Depends(get_ingestor)]
-ConfigDep = Annotated[DataConfig, Depends(get_config)]
 IdempotencyKey = Annotated[
     str | None,
     Header(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -334,10 +333,3 @@ def _first_occurrences(valid: pa.Table) -> np.ndarray:
     codes = pc.dictionary_encode(valid["event_id"]).combine_chunks()
     _, first = np.unique(codes.indices.to_numpy(), return_index=True)
     return np.sort(first).astype(np.int64)
-
-
-def rule_failure_summary(reports: Sequence[BatchReport]) -> dict[str, int]:
-    total: Counter[str] = Counter()
-    for report in reports:
-        total.update(report.rule_failures)
-    return dict(total)

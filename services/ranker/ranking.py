@@ -104,7 +104,6 @@ class Ranker:
         self.config = config
         self._redis_down_until = 0.0
         self._redis_failures = 0
-        self._redis_failures = 0
         self._topic_clicks_at = spec.user_fields.index("user_topic_clicks_0")
         self._creator_col = spec.item_fields.index("creator_id")
         self._topic_col = spec.item_fields.index("topic_id")

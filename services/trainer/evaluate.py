@@ -22,8 +22,6 @@ from shared.evaluation import Reliability, auc, lift_share, log_loss, ndcg_at_k,
 from shared.features import FeatureSpec
 from shared.world import World
 
-SCORERS = ("model", "popularity", "oracle")
-
 
 @dataclass(frozen=True)
 class Scores:

@@ -54,6 +54,8 @@ PORTS = {
         "GATEWAY_STATS_PORT": 8404,
     }.items()
 }
+OPERATOR = ("e2e-operator", "e2e-ui-secret")
+"""UI_USER and UI_PASSWORD of the stack: the operators' UIs answer 401 without them."""
 NO_TORCH_SERVICES = ("ranker", "ingest", "feature-worker", "monitor-worker", "traffic")
 IMAGES = ("feature", "trainer", "ingest", "ranker", "monitor", "traffic", "gateway", "rq-tools")
 SCRAPE_JOBS = {
@@ -130,7 +132,9 @@ class Stack:
         return next((int(v["version"]) for v in self.registry() if "champion" in v["aliases"]), None)
 
     def prometheus(self, query: str) -> list[dict[str, Any]]:
-        body = httpx.get(f"{self.url('PROMETHEUS_PORT')}/api/v1/query", params={"query": query}, timeout=10)
+        body = httpx.get(
+            f"{self.url('PROMETHEUS_PORT')}/api/v1/query", params={"query": query}, auth=OPERATOR, timeout=10
+        )
         payload = body.json()
         assert payload["status"] == "success", f"{query}: {payload}"
         result: list[dict[str, Any]] = payload["data"]["result"]
@@ -192,6 +196,8 @@ def stack_env() -> dict[str, str]:
         "STORE_REDIS_PASSWORD": "e2e-store-secret",
         "FEEDRANK_ADMIN_TOKEN": "e2e-admin-token",
         "GRAFANA_ADMIN_PASSWORD": "e2e-grafana",
+        "UI_USER": OPERATOR[0],
+        "UI_PASSWORD": OPERATOR[1],
         "RANKER_REPLICAS": "1",
         "GIT_SHA": sha or "unknown",
         "COMPOSE_PROGRESS": "plain",
@@ -250,8 +256,48 @@ def test_bootstrap_registered_a_champion_that_the_ranker_serves(stack: Stack) ->
     assert invalid.status_code == 422
     for port in ("INGEST_PORT", "MONITOR_PORT"):
         assert httpx.get(f"{stack.url(port)}/readyz", timeout=10).status_code == 200
-    assert httpx.get(f"{stack.url('MLFLOW_PORT')}/health", timeout=10).status_code == 200
-    assert httpx.get(f"{stack.url('RQ_DASHBOARD_PORT')}/", timeout=10).status_code == 200
+    assert httpx.get(f"{stack.url('MLFLOW_PORT')}/health", auth=OPERATOR, timeout=10).status_code == 200
+    assert httpx.get(f"{stack.url('RQ_DASHBOARD_PORT')}/", auth=OPERATOR, timeout=10).status_code == 200
+
+
+def test_ports_are_local_and_the_operators_uis_need_the_password(stack: Stack) -> None:
+    published = stack.compose("ps", "--format", "json").stdout.strip()
+    rows = (
+        json.loads(published)
+        if published.startswith("[")
+        else [json.loads(r) for r in published.splitlines()]
+    )
+    addresses = {p["URL"] for row in rows for p in row.get("Publishers") or [] if p.get("PublishedPort")}
+    assert addresses == {"127.0.0.1"}, addresses  # BIND_ADDRESS: nothing published to the network
+    locked = {
+        "MLFLOW_PORT": "/health",
+        "RQ_DASHBOARD_PORT": "/",
+        "PROMETHEUS_PORT": "/api/v1/targets",
+        "GATEWAY_STATS_PORT": "/stats",
+    }
+    for port, path in locked.items():
+        anonymous = httpx.get(f"{stack.url(port)}{path}", timeout=10)
+        assert anonymous.status_code == 401, (port, anonymous.status_code)
+        wrong = httpx.get(f"{stack.url(port)}{path}", auth=(OPERATOR[0], "wrong"), timeout=10)
+        assert wrong.status_code == 401, (port, wrong.status_code)
+        assert httpx.get(f"{stack.url(port)}{path}", auth=OPERATOR, timeout=10).status_code == 200, port
+    # Prometheus without its lifecycle API: nobody can shut it down or reload it over HTTP.
+    quit_ = httpx.post(f"{stack.url('PROMETHEUS_PORT')}/-/quit", auth=OPERATOR, timeout=10)
+    assert quit_.status_code == 403, quit_.status_code
+
+
+def test_containers_run_with_least_privilege_and_limits(stack: Stack) -> None:
+    for service in (*NO_TORCH_SERVICES, "trainer-worker", "gateway", "ui-proxy", "rq-dashboard"):
+        container = stack.compose("ps", "-q", service).stdout.split()[0]
+        inspected = subprocess.run(
+            ["docker", "inspect", "-f", "{{json .HostConfig}}", container],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        host = json.loads(inspected.stdout)
+        assert host["CapDrop"] == ["ALL"], (service, host["CapDrop"])
+        assert "no-new-privileges:true" in (host["SecurityOpt"] or []), (service, host["SecurityOpt"])
+        assert host["Memory"] > 0, (service, host["Memory"])
+        assert host["NanoCpus"] > 0, (service, host["NanoCpus"])
 
 
 def test_only_the_trainer_image_has_torch(stack: Stack) -> None:
@@ -277,7 +323,7 @@ def test_only_the_trainer_image_has_torch(stack: Stack) -> None:
 
 def test_prometheus_scrapes_every_target(stack: Stack) -> None:
     def all_up() -> dict[str, str] | None:
-        body = httpx.get(f"{stack.url('PROMETHEUS_PORT')}/api/v1/targets", timeout=10).json()
+        body = httpx.get(f"{stack.url('PROMETHEUS_PORT')}/api/v1/targets", auth=OPERATOR, timeout=10).json()
         targets = body["data"]["activeTargets"]
         health = {f"{t['labels']['job']} {t['labels']['instance']}": t["health"] for t in targets}
         jobs = {t["labels"]["job"] for t in targets}

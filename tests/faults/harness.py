@@ -170,10 +170,16 @@ def gateway_config(rankers: list[int], port: int, admin_port: int) -> str:
     return text
 
 
-class Gateway:
-    """HAProxy (the Debian package, as in the gateway image) with `gateway_config`."""
+OPERATOR = ("operator", "fault-suite-password")
+"""The gateway's stats page user (UI_USER, UI_PASSWORD in the stack's .env)."""
 
-    def __init__(self, rankers: list[int], workdir: Path) -> None:
+
+class Gateway:
+    """HAProxy (the Debian package, as in the gateway image) with `gateway_config`. The rate limit
+    per client is the stack's RANK_RATE_LIMIT; tests that send as fast as they can raise it."""
+
+    def __init__(self, rankers: list[int], workdir: Path, rate_limit: int = 1_000_000) -> None:
+        self.rate_limit = rate_limit
         self.port, self.admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = workdir / "haproxy.cfg"
@@ -184,7 +190,15 @@ class Gateway:
     def start(self) -> Gateway:
         with open(self.log, "ab") as sink:
             self.process = subprocess.Popen(
-                ["haproxy", "-db", "-f", str(self.config)], stdout=sink, stderr=sink
+                ["haproxy", "-db", "-f", str(self.config)],
+                stdout=sink,
+                stderr=sink,
+                env={
+                    **os.environ,
+                    "RANK_RATE_LIMIT": str(self.rate_limit),
+                    "UI_USER": OPERATOR[0],
+                    "UI_PASSWORD": OPERATOR[1],
+                },
             )
         deadline = time.monotonic() + 20
         while True:
@@ -198,7 +212,9 @@ class Gateway:
 
     def servers(self) -> dict[str, str]:
         """Server name -> HAProxy's status of it (UP, DOWN, ...), from the stats CSV."""
-        csv = requests.get(f"http://127.0.0.1:{self.admin_port}/stats;csv", timeout=2).text.splitlines()
+        csv = requests.get(
+            f"http://127.0.0.1:{self.admin_port}/stats;csv", auth=OPERATOR, timeout=2
+        ).text.splitlines()
         header = csv[0].lstrip("# ").split(",")
         rows = [dict(zip(header, line.split(","), strict=False)) for line in csv[1:] if line]
         return {

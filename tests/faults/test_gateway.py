@@ -15,7 +15,7 @@ import requests
 
 from shared.config import load_serving_config
 from shared.settings import REPO_CONFIG_DIR
-from tests.faults.harness import GATEWAY_CFG, Gateway, Service, gateway_config, stoppable_copy
+from tests.faults.harness import GATEWAY_CFG, OPERATOR, Gateway, Service, gateway_config, stoppable_copy
 from tests.support import StoppableRedis, TrainedWorld, free_port
 
 SERVING = load_serving_config(REPO_CONFIG_DIR, "tiny")
@@ -31,6 +31,8 @@ def test_the_generated_gateway_config_keeps_the_health_checks_and_limits() -> No
         "default-server inter 2s fall 2 rise 1 check",
         f"req.hdr_val(content-length) gt {SERVING.api.max_body_bytes}",
         "timeout http-request 10s",
+        'if { sc_http_req_rate(0) gt "${RANK_RATE_LIMIT}" }',
+        'stats auth "${UI_USER}:${UI_PASSWORD}"',
     ):
         assert line in shipped, line
         assert line in local, line
@@ -139,3 +141,56 @@ def test_feature_store_down_behind_the_gateway(
         assert "no ranker replica" in nobody.json()["detail"]
     finally:
         gateway.stop()
+
+
+def test_one_client_above_the_rate_limit_gets_429_and_others_are_served(
+    rankers: tuple[list[Service], StoppableRedis], tmp_path: Path
+) -> None:
+    replicas, _ = rankers
+    limit = 5  # far below what one sequential client sends (each answer takes milliseconds)
+    gateway = Gateway([r.port for r in replicas], tmp_path, rate_limit=limit).start()
+    try:
+        deadline = time.monotonic() + 20
+        while set(gateway.servers().values()) != {"UP"}:
+            assert time.monotonic() < deadline, gateway.servers()
+            time.sleep(0.2)
+        burst: Counter[int] = Counter()
+        with requests.Session() as session:
+            started = time.monotonic()
+            for user in range(60):  # every request counts, refused ones too: the rate stays above
+                burst[send(session, gateway.url, user)[0]] += 1
+            burst_s = time.monotonic() - started
+            refused = session.post(f"{gateway.url}/rank", json={"user_id": 1, "k": 5}, timeout=10)
+        # Another client (another source address on the loopback network) is not limited.
+        other = requests.Session()
+        other.mount("http://", _SourceAddressAdapter("127.0.0.2"))
+        with other:
+            neighbour = send(other, gateway.url, 7)
+        stats_open = requests.get(f"http://127.0.0.1:{gateway.admin_port}/stats", timeout=5)
+        stats_auth = requests.get(f"http://127.0.0.1:{gateway.admin_port}/stats", auth=OPERATOR, timeout=5)
+        print(
+            f"FAULT rank_rate_limit limit={limit}/s burst=60 in {burst_s:.2f}s "
+            f"answers={dict(burst)} neighbour={neighbour[0]}"
+        )
+        assert limit <= burst[200] <= 2 * limit  # the first ones pass ...
+        assert burst[429] == 60 - burst[200]  # ... the rest are refused, nothing else, never a 5xx
+        assert refused.status_code == 429
+        assert refused.headers["content-type"] == "application/json"
+        assert "rate limit" in refused.json()["detail"]
+        assert neighbour == (200, False)
+        assert stats_open.status_code == 401  # the stats page needs the operators' password
+        assert stats_auth.status_code == 200
+    finally:
+        gateway.stop()
+
+
+class _SourceAddressAdapter(requests.adapters.HTTPAdapter):
+    """Connections from a given local address: a second client on the same machine."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        super().__init__()
+
+    def init_poolmanager(self, *args: object, **kwargs: object) -> None:
+        kwargs["source_address"] = (self.address, 0)
+        super().init_poolmanager(*args, **kwargs)  # type: ignore[arg-type]
