@@ -21,7 +21,7 @@ LOADTEST_DURATION ?= 30s
 
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup test lint format bench bench-loop loadtest run redis redis-stop clean \
+.PHONY: help setup test faults lint format bench bench-loop loadtest run redis redis-stop clean \
         wheels stack-env images up down e2e docs prometheus-check
 
 help: ## list the targets
@@ -38,8 +38,12 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) ## create .venv with every service's dependencies and the dev tools
 	@$(MAKE) --no-print-directory stack-env
 
-test: setup ## unit and integration tests (they start their own Redis: Docker or redis-server)
-	$(BIN)/pytest -m "not e2e"
+test: setup ## unit, integration and fault tests (they start their own Redis: Docker or redis-server)
+	$(BIN)/pytest -m "not e2e and not faults"
+	@$(MAKE) --no-print-directory faults
+
+faults: setup ## the fault suite alone: injected faults and fuzzing, one FAULT line of figures per fault
+	$(BIN)/pytest -m faults -s -p no:cacheprovider
 
 lint: setup ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .
