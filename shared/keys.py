@@ -152,3 +152,9 @@ def popular_bucket(bucket_ms: int) -> str:
 def topic_popular_bucket(topic_id: int, bucket_ms: int) -> str:
     """Sorted set item_id -> clicks within one bucket, per topic (the user's favoured topics)."""
     return f"{PREFIX}:rt:pop:{bucket_ms}:t{topic_id}"
+
+
+def candidate_scratch(token: str) -> str:
+    """A ranker's temporary union of popularity buckets, deleted in the same round trip (the only
+    keys the ranker may write in the online store)."""
+    return f"{PREFIX}:rt:scratch:{token}"

@@ -83,7 +83,7 @@ class CandidateStage:
         return pools
 
     def _top(self, pipe: Any, bucket_keys: list[str], n: int) -> None:
-        scratch = f"{keys.PREFIX}:rt:scratch:{uuid.uuid4().hex}"
+        scratch = keys.candidate_scratch(uuid.uuid4().hex)
         pipe.zunionstore(scratch, bucket_keys)
         pipe.zrange(scratch, 0, n - 1, desc=True, withscores=True)
         pipe.delete(scratch)

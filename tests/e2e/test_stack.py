@@ -194,6 +194,8 @@ def stack_env() -> dict[str, str]:
         "FEEDRANK_LOG_LEVEL": "INFO",
         "QUEUE_REDIS_PASSWORD": "e2e-queue-secret",
         "STORE_REDIS_PASSWORD": "e2e-store-secret",
+        "RANKER_REDIS_PASSWORD": "e2e-ranker-secret",
+        "TRAFFIC_REDIS_PASSWORD": "e2e-traffic-secret",
         "FEEDRANK_ADMIN_TOKEN": "e2e-admin-token",
         "GRAFANA_ADMIN_PASSWORD": "e2e-grafana",
         "UI_USER": OPERATOR[0],
