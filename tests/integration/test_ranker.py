@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ from fastapi.testclient import TestClient
 from redis import Redis
 
 from services.ingest.served import ServedDrain
-from services.ranker.app import create_app
+from services.ranker.app import create_app, rank_json
 from services.ranker.ranking import ab_bucket
 from services.trainer.training import load_checkpoint, predict
 from shared import keys
@@ -26,6 +27,7 @@ from shared.dags import submit_train
 from shared.lake import Lake
 from shared.registry import Registry
 from shared.settings import REPO_CONFIG_DIR, get_settings
+from tests.benchmarks import cpu_gate
 from tests.integration.conftest import TrainedWorld
 from tests.support import REPO_ROOT, StoppableRedis, run_worker
 
@@ -59,6 +61,46 @@ def catalog_items(world: TrainedWorld) -> list[int]:
 def creators_of(world: TrainedWorld, items: list[int]) -> dict[int, int]:
     rows = world.store.hmget(keys.CATALOG, items)
     return {i: int(np.frombuffer(r, np.float64)[0]) for i, r in zip(items, rows, strict=True)}
+
+
+# ----------------------------------------------------------------------------- regression gate
+
+
+def test_the_ranker_costs_no_more_cpu_per_request_than_its_baseline_allows(
+    trained_world: TrainedWorld,
+) -> None:
+    """CPU per /rank (200 explicit candidates, features from Redis, ONNX) against a reference
+    workload timed in the same process: the ratio may grow at most 1.5x over the committed
+    baseline (tests/benchmarks/cpu_gate.py says why a ratio). Prints CPU_GATE_JSON.
+    FEEDRANK_UPDATE_GATE=1 records a new baseline instead (after a deliberate change of cost)."""
+    app = create_app(trained_world.settings)
+    candidates = catalog_items(trained_world)
+    assert len(candidates) == 200
+    bodies = [json.dumps({"user_id": u, "candidates": candidates, "k": 20}).encode() for u in range(50)]
+    with TestClient(app) as test_client:
+        wait_ready(test_client)
+        components = app.state.components
+        turn = iter(range(10**9))
+
+        def rank_once() -> bytes:
+            return rank_json(components, app.rank_model, bodies[next(turn) % len(bodies)])
+
+        assert json.loads(rank_once())["degraded"] is False  # the model path, not a fallback
+        if os.environ.get("FEEDRANK_UPDATE_GATE") == "1":  # a new baseline: the median of several
+            results = [cpu_gate.measure(rank_once) for _ in range(7)]
+            sha = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+            )
+            cpu_gate.record_baseline(results, sha.stdout.strip())
+            print(*(r.line() for r in results), sep="\n")
+            return
+        result = cpu_gate.measure(rank_once)
+    print(result.line())
+    assert result.slowdown is not None, "no committed baseline: run with FEEDRANK_UPDATE_GATE=1"
+    assert result.slowdown <= cpu_gate.SLOWDOWN_LIMIT, (
+        f"the ranker costs {result.slowdown:.2f}x its baseline CPU share ({result.ranker_cpu_ms:.3f} ms "
+        f"per request against {result.reference_cpu_ms:.3f} ms of reference work): a regression"
+    )
 
 
 # ----------------------------------------------------------------------------- contract
