@@ -51,7 +51,8 @@ def flatten(figures: Any, prefix: str = "") -> list[tuple[str, Any]]:
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    return json.dumps(value, default=str) if isinstance(value, list | dict) else str(value)
+    text = json.dumps(value, default=str) if isinstance(value, list | dict) else str(value)
+    return text if len(text) <= 120 else f"{len(value)} entries, in docs/benchmarks.json"
 
 
 def render(results: dict[str, Any]) -> str:
