@@ -57,7 +57,7 @@ format: setup ## apply ruff's formatting and safe fixes
 bench: setup ## benchmarks on ~1M events: ETL throughput and memory, training, ranking quality, ranker latency
 	$(BIN)/python -m tests.benchmarks
 
-bench-loop: setup ## the learning loop's error rates on the loop simulator (false alarms, A/A, power, drift knobs; ~15 min)
+bench-loop: setup ## the learning loop's error rates on the loop simulator (false alarms, A/A, power, drift knobs; budget 15 min)
 	$(BIN)/python -m tests.benchmarks loop
 
 loadtest: setup ## Locust load on a running ranker at RANKER_URL (starts none): rps, p50/p95/p99
