@@ -22,7 +22,7 @@ LOADTEST_DURATION ?= 30s
 STAMP := $(VENV)/.installed
 
 .PHONY: help setup test faults lint format bench bench-loop loadtest run redis redis-stop clean \
-        wheels stack-env images up down e2e docs prometheus-check
+        wheels stack-env secrets-check images up down e2e docs prometheus-check
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -101,18 +101,20 @@ wheels: ## copy this machine's local CPU torch wheel (pip's find-links) into whe
 	 if [ -n "$$found" ]; then echo "wheels/: $$found (the trainer image installs torch from it)"; \
 	 else echo "wheels/: no local torch $(TORCH_VERSION) CPU wheel; the trainer image takes torch from the CPU index"; fi
 
-stack-env: ## create .env from .env.example with random secrets, add keys a newer .env.example introduced, refuse placeholders
+stack-env: ## create .env from .env.example with random secrets, or add the keys a newer .env.example introduced
 	@test -f .env || { touch .env && chmod 600 .env && echo ".env: created (random secrets)"; }
 	@grep -E '^[A-Z_]+=' .env.example | while IFS='=' read -r key value; do \
 	   grep -q "^$$key=" .env && continue; \
 	   case "$$value" in change-me*) value=$$(python3 -c 'import secrets; print(secrets.token_hex(24))');; esac; \
 	   echo "$$key=$$value" >> .env; done
+
+secrets-check: stack-env ## refuse to start the stack while .env holds a change-me placeholder
 	@! grep -qE '^[A-Z_]+=change-me' .env || { echo "make: .env still holds change-me placeholders ($$(grep -oE '^[A-Z_]+=change-me' .env | cut -d= -f1 | xargs)): put secrets there, or delete .env to have random ones generated" >&2; exit 1; }
 
 images: wheels ## build every image of the stack (torch only in the trainer's, and never a CUDA build)
 	GIT_SHA=$$(git rev-parse --short HEAD 2>/dev/null || echo unknown) $(COMPOSE) build
 
-up: stack-env images ## start the stack and wait until a champion is served (first start: etl + train)
+up: secrets-check images ## start the stack and wait until a champion is served (first start: etl + train)
 	$(COMPOSE) up -d --wait --wait-timeout 1800
 	@$(COMPOSE) ps --format 'table {{.Service}}\t{{.Status}}\t{{.Ports}}'
 
